@@ -1,0 +1,20 @@
+# liverseg: liver and liver-tumour segmentation in abdominal CT.
+# Table of contents: validation and case discovery, then one rules file per stage, then the targets.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/ingest.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/split.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

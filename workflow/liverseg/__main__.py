@@ -1,0 +1,3 @@
+from liverseg.cli import main
+
+raise SystemExit(main())

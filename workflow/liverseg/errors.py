@@ -1,0 +1,16 @@
+"""Expected, user-facing failures.
+
+A CaseError is bad input that a user can fix (unreadable file, wrong shape...).  The CLI turns it into one
+line naming the case and exits non-zero; anything else is a bug and keeps its traceback.
+"""
+
+
+class CaseError(Exception):
+    def __init__(self, case: str, message: str):
+        super().__init__(f"case {case}: {message}")
+        self.case = case
+        self.message = message
+
+
+class ConfigError(Exception):
+    """A configuration value that the schema cannot catch (e.g. a file it points to is missing)."""

@@ -1,0 +1,178 @@
+"""Find the cases of a dataset: LiTS / Kaggle folders, Medical Segmentation Decathlon folders, or a sample sheet.
+
+Discovery never reads image data; it only pairs files.  Problems that belong to one case (a path that does not
+exist, an unreadable file) are left for that case's preprocessing job, so one bad case cannot stop the others.
+Problems that make a case id unusable (invalid characters, duplicates) reject the case here with a reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CASE_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_LITS_RE = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
+_NII_RE = re.compile(r"^(?P<stem>.+?)(_0000)?\.nii(\.gz)?$")
+
+
+@dataclass
+class Case:
+    case_id: str
+    image: str
+    label: str | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return self.label is not None
+
+
+@dataclass
+class Discovery:
+    cases: list[Case]
+    rejected: list[tuple[str, str]]  # (case id or file, reason)
+
+
+def _finish(found: dict[str, list[Case]], rejected: list[tuple[str, str]]) -> Discovery:
+    cases = []
+    for cid in sorted(found, key=_natural_key):
+        entries = found[cid]
+        if not CASE_ID_RE.match(cid):
+            rejected.append((cid, "case id may hold only letters, digits, '-' and '_'"))
+        elif len(entries) > 1:
+            rejected.append((cid, f"duplicate case id ({len(entries)} entries: {', '.join(e.image for e in entries)})"))
+        else:
+            cases.append(entries[0])
+    return Discovery(cases, rejected)
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    # macOS leaves "._" twins next to every file of the Decathlon archives.
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p.is_file() or p.is_symlink()))
+
+
+def discover_directory(root: str | Path) -> Discovery:
+    """LiTS/Kaggle naming (one folder, or volume/ + segmentation/) or the Decathlon layout (imagesTr, labelsTr, imagesTs)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset directory does not exist: {root}")
+    if (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
+        return _discover_msd(root)
+    folders = [root] + [root / d for d in ("volume", "volumes", "segmentation", "segmentations") if (root / d).is_dir()]
+    images: dict[str, list[Path]] = {}
+    labels: dict[str, list[Path]] = {}
+    for folder in folders:
+        for p in _visible_files(folder):
+            m = _LITS_RE.match(p.name)
+            if not m:
+                continue
+            cid = str(int(m.group(2)))  # "volume-070" and "volume-70" are the same LiTS case
+            (images if m.group(1) == "volume" else labels).setdefault(cid, []).append(p)
+    found: dict[str, list[Case]] = {}
+    rejected: list[tuple[str, str]] = []
+    for cid, paths in images.items():
+        lab = labels.get(cid, [])
+        if len(lab) > 1:
+            rejected.append((cid, f"several label files: {', '.join(map(str, lab))}"))
+            continue
+        for p in paths:
+            found.setdefault(cid, []).append(Case(cid, str(p), str(lab[0]) if lab else None))
+    for cid in sorted(set(labels) - set(images)):
+        rejected.append((cid, f"label without a volume: {labels[cid][0]}"))
+    return _finish(found, rejected)
+
+
+def _discover_msd(root: Path) -> Discovery:
+    found: dict[str, list[Case]] = {}
+    rejected: list[tuple[str, str]] = []
+    labels = {}
+    if (root / "labelsTr").is_dir():
+        for p in _visible_files(root / "labelsTr"):
+            m = _NII_RE.match(p.name)
+            if m:
+                labels[m.group("stem")] = p
+    for sub in ("imagesTr", "imagesTs"):
+        if not (root / sub).is_dir():
+            continue
+        for p in _visible_files(root / sub):
+            m = _NII_RE.match(p.name)
+            if not m:
+                continue
+            cid = m.group("stem")
+            lab = labels.pop(cid, None) if sub == "imagesTr" else None
+            found.setdefault(cid, []).append(Case(cid, str(p), str(lab) if lab else None))
+    for cid, p in labels.items():
+        rejected.append((cid, f"label without an image: {p}"))
+    return _finish(found, rejected)
+
+
+def read_samplesheet(path: str | Path) -> Discovery:
+    """TSV with columns case_id, image and optional label; relative paths are relative to the sheet."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sample sheet does not exist: {path}")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t")
+        cols = reader.fieldnames or []
+        missing = {"case_id", "image"} - set(cols)
+        if missing:
+            raise ValueError(f"sample sheet {path} lacks column(s) {sorted(missing)}; it has {cols}")
+        rows = list(reader)
+    found: dict[str, list[Case]] = {}
+    rejected: list[tuple[str, str]] = []
+    for i, row in enumerate(rows, start=2):
+        cid = (row.get("case_id") or "").strip()
+        img = (row.get("image") or "").strip()
+        lab = (row.get("label") or "").strip() or None
+        if not cid or not img:
+            rejected.append((cid or f"line {i}", "empty case_id or image"))
+            continue
+        found.setdefault(cid, []).append(Case(cid, _resolve(path.parent, img), _resolve(path.parent, lab) if lab else None))
+    return _finish(found, rejected)
+
+
+def _resolve(base: Path, p: str) -> str:
+    q = Path(p).expanduser()
+    return str(q if q.is_absolute() else (base / q))
+
+
+def phantom_cases(n_cases: int, folder: str = "results/ingest/phantom") -> Discovery:
+    """Phantom cases are named like LiTS (volume-N / segmentation-N) and then flow through the real-data rules."""
+    return Discovery(
+        [Case(str(i), f"{folder}/volume-{i}.nii.gz", f"{folder}/segmentation-{i}.nii.gz") for i in range(n_cases)], []
+    )
+
+
+def write_case_table(discovery: Discovery, path: str | Path) -> None:
+    from liverseg.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        fh.write("case_id\timage\tlabel\tstatus\treason\n")
+        for c in discovery.cases:
+            fh.write(f"{c.case_id}\t{c.image}\t{c.label or ''}\t{'labelled' if c.labelled else 'predict-only'}\t\n")
+        for cid, reason in discovery.rejected:
+            fh.write(f"{cid}\t\t\trejected\t{reason}\n")
+
+
+def read_case_table(path: str | Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def discover(cfg: dict) -> Discovery:
+    """The cases of the configured dataset (config already validated, defaults filled)."""
+    ds = cfg["dataset"]
+    if ds["source"] == "phantom":
+        return phantom_cases(ds["phantom"]["n_cases"], f"{cfg['results']}/ingest/phantom")
+    if ds["source"] == "directory":
+        if not ds["directory"]:
+            raise ValueError("dataset.source is 'directory' but dataset.directory is empty")
+        return discover_directory(ds["directory"])
+    if not ds["samplesheet"]:
+        raise ValueError("dataset.source is 'samplesheet' but dataset.samplesheet is empty")
+    return read_samplesheet(ds["samplesheet"])

@@ -1,0 +1,139 @@
+"""NIfTI and HDF5 input/output.  Arrays always travel with the geometry needed to write results back.
+
+Conventions used across the package:
+- "canonical" means the closest RAS+ orientation of the stored voxel grid (nibabel's ``io_orientation``); only
+  axis flips and permutations are applied, never resampling, so the inverse is exact.
+- Slices are taken along the canonical third axis (inferior -> superior).  A slice array is (H, W) =
+  (canonical y, canonical x), i.e. ``canonical[:, :, z].T``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+from liverseg.errors import CaseError
+
+# Reading a truncated or corrupt file surfaces as any of these, depending on where the damage is.
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What is needed to put a canonical-orientation array back onto the original voxel grid."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    ornt: np.ndarray  # nibabel orientation transform original -> canonical
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) along the original axes."""
+        return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
+    @property
+    def canonical_spacing(self) -> tuple[float, float, float]:
+        sp = self.spacing
+        return tuple(sp[int(ax)] for ax in np.argsort(self.ornt[:, 0]))
+
+    @property
+    def axcodes(self) -> str:
+        return "".join(nib.aff2axcodes(self.affine))
+
+    def to_canonical(self, arr: np.ndarray) -> np.ndarray:
+        return apply_orientation(arr, self.ornt)
+
+    def from_canonical(self, arr: np.ndarray) -> np.ndarray:
+        back = ornt_transform(_RAS, self.ornt_of_original())
+        return apply_orientation(arr, back)
+
+    def ornt_of_original(self) -> np.ndarray:
+        return io_orientation(self.affine)
+
+
+_RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+
+def geometry_of(img: nib.Nifti1Image) -> Geometry:
+    affine = np.asarray(img.affine, dtype=np.float64)
+    ornt = ornt_transform(io_orientation(affine), _RAS)
+    return Geometry(tuple(int(s) for s in img.shape[:3]), affine, ornt)
+
+
+def load_nifti(path: str | os.PathLike, case: str, what: str = "image") -> nib.Nifti1Image:
+    """Open a NIfTI file, turning every way it can be unusable into a CaseError naming the case."""
+    p = Path(path)
+    if not p.exists():
+        raise CaseError(case, f"{what} file does not exist: {p}")
+    if not p.is_file():
+        raise CaseError(case, f"{what} path is not a regular file: {p}")
+    try:
+        img = nib.load(str(p))
+    except _READ_ERRORS as exc:
+        raise CaseError(case, f"cannot read {what} {p}: {type(exc).__name__}: {_short(exc)}") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise CaseError(case, f"{what} {p} is not NIfTI ({type(img).__name__})")
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        img = img.slicer[..., 0]
+        shape = img.shape
+    if len(shape) != 3:
+        raise CaseError(case, f"{what} {p} has {len(shape)} dimensions {tuple(shape)}; a 3D volume is required")
+    if min(shape) == 0:
+        raise CaseError(case, f"{what} {p} is empty (shape {tuple(shape)})")
+    return img
+
+
+def read_raw(img: nib.Nifti1Image, case: str, path, what: str = "image") -> tuple[np.ndarray, float, float]:
+    """Voxel data in the stored dtype plus the NIfTI scaling, so no float64 copy of the volume is made."""
+    try:
+        raw = np.asanyarray(img.dataobj.get_unscaled())
+    except _READ_ERRORS as exc:
+        raise CaseError(case, f"cannot read {what} {path} (truncated or corrupt?): {_short(exc)}") from None
+    slope = img.dataobj.slope
+    inter = img.dataobj.inter
+    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    return raw, slope, inter
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds.
+
+    A job that dies half-way leaves at most a ``.tmp`` file, never an output that looks finished.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_nifti_like(arr: np.ndarray, geometry: Geometry, path, dtype=np.uint8) -> None:
+    """Write a canonical-orientation array onto the original grid and affine of ``geometry``."""
+    back = np.ascontiguousarray(geometry.from_canonical(arr)).astype(dtype, copy=False)
+    if back.shape != geometry.shape:
+        raise ValueError(f"array shape {back.shape} does not match the original grid {geometry.shape}")
+    img = nib.Nifti1Image(back, geometry.affine)
+    img.set_qform(geometry.affine, code=1)
+    img.set_sform(geometry.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))

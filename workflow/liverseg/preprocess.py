@@ -1,0 +1,208 @@
+"""HU windowing and slice extraction of one case into one HDF5 file.
+
+HDF5 layout (one file per case; documented in the README):
+  image           (Z, H, W) float16 in [0, 1], one slice per chunk, lzf-compressed
+  label           (Z, H, W) uint8 {0,1,2}, same chunks (only for labelled cases)
+  liver_present   (Z,) bool;   tumour_present (Z,) bool
+  liver_bbox      (Z, 4) int32 [row0, row1, col0, col1] (half-open, resized grid), -1 where no liver
+  attrs: case_id, source_image, source_label, original_shape, spacing (original axes), canonical_spacing,
+         affine, ornt, axcodes, window_mode, window_lower, window_upper, size, resize_factors, liver_bbox_3d
+         [z0, z1, r0, r1, c0, c1] or -1s, labelled, pipeline_version
+Z runs inferior -> superior in the canonical RAS grid; slice z is ``canonical[:, :, z].T``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from liverseg import __version__
+from liverseg.errors import CaseError
+from liverseg.io import atomic_path, geometry_of, load_nifti, read_raw
+
+log = logging.getLogger(__name__)
+
+WINDOW_MODES = ("fixed", "study_v2")
+SLAB = 32  # slices processed at once: bounds the float32 working memory independently of the volume size
+AFFINE_TOLERANCE = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- array level
+def window_fixed(hu: np.ndarray, lower: float, upper: float) -> np.ndarray:
+    """Clip HU to [lower, upper] and scale linearly to [0, 1] (float32)."""
+    out = np.clip(hu, lower, upper).astype(np.float32, copy=False)
+    out -= lower
+    out *= 1.0 / (upper - lower)
+    return out
+
+
+def window_study_v2(hu_slice: np.ndarray) -> np.ndarray:
+    """The original study's V2 recipe on one slice: z-score, clip to +-3, 3x3 median, CLAHE (clip 0.03), [0, 1]."""
+    from skimage.exposure import equalize_adapthist
+
+    s = hu_slice.astype(np.float32)
+    sd = float(s.std())
+    s = (s - float(s.mean())) / (sd if sd > 0 else 1.0)
+    s = np.clip(s, -3.0, 3.0)
+    s = ndimage.median_filter(s, size=3)
+    s = (s + 3.0) / 6.0
+    s = equalize_adapthist(s, clip_limit=0.03).astype(np.float32)
+    lo, hi = float(s.min()), float(s.max())
+    return (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
+
+
+def resize_slab(slab: np.ndarray, size: int, is_label: bool = False) -> np.ndarray:
+    """Resize (n, H, W) slices to (n, size, size): bilinear with antialiasing for images, nearest for labels."""
+    n, h, w = slab.shape
+    if (h, w) == (size, size):
+        return slab
+    t = torch.from_numpy(np.ascontiguousarray(slab))[:, None]
+    if is_label:
+        out = F.interpolate(t.float(), size=(size, size), mode="nearest-exact").to(torch.uint8)
+    else:
+        out = F.interpolate(t.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out[:, 0].numpy()
+
+
+def bbox_2d(mask: np.ndarray) -> list[int]:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return [-1, -1, -1, -1]
+    cols = np.flatnonzero(mask.any(axis=0))
+    return [int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1]
+
+
+def check_label_values(raw: np.ndarray, slope: float, inter: float, case: str) -> None:
+    if (slope, inter) != (1.0, 0.0) or raw.dtype.kind == "f":
+        # Float labels are allowed only when every value is an exact integer.
+        vals = np.unique(raw)
+        vals = vals * slope + inter
+        if not np.all(np.isfinite(vals)) or not np.all(vals == np.round(vals)):
+            raise CaseError(case, "label holds non-integer values; expected integers 0 (bg), 1 (liver), 2 (tumour)")
+    else:
+        vals = np.unique(raw)
+    bad = sorted(set(np.asarray(vals).astype(np.int64).tolist()) - {0, 1, 2})
+    if bad:
+        raise CaseError(case, f"label values {bad[:5]} outside {{0, 1, 2}} (0 bg, 1 liver, 2 tumour)")
+
+
+# ---------------------------------------------------------------------------------------------- one case
+def preprocess_case(
+    case: str,
+    image_path,
+    out_path,
+    label_path=None,
+    lower: float = -150.0,
+    upper: float = 250.0,
+    mode: str = "fixed",
+    size: int = 128,
+    affine_tolerance: float = AFFINE_TOLERANCE,
+) -> dict:
+    """Validate one case, window it, resize it and write its HDF5 atomically.  Returns a short summary."""
+    if mode not in WINDOW_MODES:
+        raise ValueError(f"unknown window mode {mode!r}; choose one of {WINDOW_MODES}")
+    if not upper > lower:
+        raise ValueError(f"window upper ({upper}) must be above lower ({lower})")
+    img = load_nifti(image_path, case, "image")
+    geom = geometry_of(img)
+    raw, slope, inter = read_raw(img, case, image_path, "image")
+    if raw.dtype.kind not in "iuf":
+        raise CaseError(case, f"image {image_path} has unsupported data type {raw.dtype}")
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+        raise CaseError(case, f"image {image_path} holds NaN or infinite voxels")
+    rmin, rmax = raw.min(), raw.max()
+    if rmin == rmax:
+        raise CaseError(case, f"image {image_path} is constant (every voxel {float(rmin) * slope + inter:g})")
+
+    lab_raw = None
+    if label_path is not None:
+        lab_img = load_nifti(label_path, case, "label")
+        if lab_img.shape[:3] != img.shape[:3]:
+            raise CaseError(case, f"label shape {lab_img.shape[:3]} differs from image shape {img.shape[:3]}")
+        if not np.allclose(lab_img.affine, img.affine, atol=affine_tolerance, rtol=0):
+            diff = float(np.abs(lab_img.affine - img.affine).max())
+            raise CaseError(case, f"label affine differs from image affine by {diff:.4g} (tolerance {affine_tolerance})")
+        lab, lslope, linter = read_raw(lab_img, case, label_path, "label")
+        check_label_values(lab, lslope, linter, case)
+        lab_raw = lab if lab.dtype == np.uint8 and (lslope, linter) == (1.0, 0.0) else (
+            np.rint(lab * lslope + linter).astype(np.uint8)
+        )
+
+    can = geom.to_canonical(raw)  # a view: flips and transposes only
+    can_lab = geom.to_canonical(lab_raw) if lab_raw is not None else None
+    nx, ny, nz = can.shape
+    cs = geom.canonical_spacing
+
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as h5:
+        d_img = h5.create_dataset("image", (nz, size, size), dtype=np.float16, chunks=(1, size, size), compression="lzf")
+        d_lab = None
+        if can_lab is not None:
+            d_lab = h5.create_dataset("label", (nz, size, size), dtype=np.uint8, chunks=(1, size, size), compression="lzf")
+        liver_present = np.zeros(nz, bool)
+        tumour_present = np.zeros(nz, bool)
+        bboxes = np.full((nz, 4), -1, np.int32)
+        for z0 in range(0, nz, SLAB):
+            z1 = min(nz, z0 + SLAB)
+            slab = np.transpose(can[:, :, z0:z1], (2, 1, 0)).astype(np.float32)  # (n, H=y, W=x)
+            if (slope, inter) != (1.0, 0.0):
+                slab *= slope
+                slab += inter
+            if mode == "fixed":
+                win = window_fixed(slab, lower, upper)
+            else:
+                win = np.stack([window_study_v2(s) for s in slab])
+            d_img[z0:z1] = resize_slab(win, size).astype(np.float16)
+            if d_lab is not None:
+                ls = resize_slab(np.transpose(can_lab[:, :, z0:z1], (2, 1, 0)), size, is_label=True)
+                d_lab[z0:z1] = ls
+                liver_present[z0:z1] = (ls >= 1).any(axis=(1, 2))
+                tumour_present[z0:z1] = (ls == 2).any(axis=(1, 2))
+                for i, s in enumerate(ls):
+                    bboxes[z0 + i] = bbox_2d(s >= 1)
+        h5.create_dataset("liver_present", data=liver_present)
+        h5.create_dataset("tumour_present", data=tumour_present)
+        h5.create_dataset("liver_bbox", data=bboxes)
+        zl = np.flatnonzero(liver_present)
+        if zl.size:
+            b = bboxes[zl]
+            bbox3d = [int(zl[0]), int(zl[-1]) + 1, int(b[:, 0].min()), int(b[:, 1].max()), int(b[:, 2].min()), int(b[:, 3].max())]
+        else:
+            bbox3d = [-1] * 6
+        a = h5.attrs
+        a["case_id"] = case
+        a["source_image"] = str(Path(image_path).resolve())
+        a["source_label"] = str(Path(label_path).resolve()) if label_path is not None else ""
+        a["labelled"] = label_path is not None
+        a["original_shape"] = np.array(geom.shape, np.int64)
+        a["spacing"] = np.array(geom.spacing)
+        a["canonical_spacing"] = np.array(cs)
+        a["canonical_shape"] = np.array([nx, ny, nz], np.int64)
+        a["affine"] = geom.affine
+        a["ornt"] = geom.ornt
+        a["axcodes"] = geom.axcodes
+        a["window_mode"] = mode
+        a["window_lower"] = float(lower)
+        a["window_upper"] = float(upper)
+        a["size"] = int(size)
+        # Factor from the canonical (H=y, W=x) grid to the stored grid, per in-plane axis.
+        a["resize_factors"] = np.array([size / ny, size / nx])
+        a["liver_bbox_3d"] = np.array(bbox3d, np.int64)
+        a["pipeline_version"] = __version__
+    summary = {
+        "case": case,
+        "slices": int(nz),
+        "liver_slices": int(liver_present.sum()),
+        "tumour_slices": int(tumour_present.sum()),
+        "labelled": label_path is not None,
+        "axcodes": geom.axcodes,
+    }
+    if label_path is not None and not liver_present.any():
+        log.warning("case %s: the label holds no liver", case)
+    log.info("case %s: %d slices (%d with liver) -> %s", case, nz, summary["liver_slices"], out_path)
+    return summary

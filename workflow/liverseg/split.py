@@ -1,0 +1,73 @@
+"""Case-level split into train / validation / test, with k-fold cross-validation support.
+
+Splitting by case, never by slice: neighbouring slices of one patient are nearly identical, so a slice-level split
+(as in the original study) leaks patients into the test set and inflates every score.
+
+With ``folds == 1`` the non-test cases are split once by ``val_fraction``.  With ``folds == k > 1`` the non-test
+cases are cut into k folds; fold ``fold`` is the validation set and the rest is training.  The test set is the same
+for every fold, so fold results are comparable.  Unlabelled cases are listed as ``predict`` and never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+
+def make_split(
+    labelled: list[str],
+    unlabelled: list[str] = (),
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.2,
+    folds: int = 1,
+    fold: int = 0,
+) -> dict:
+    if not 0 <= fold < max(folds, 1):
+        raise ValueError(f"split.fold={fold} must be in [0, {folds})")
+    ids = sorted(set(labelled))
+    rng = np.random.default_rng(seed)
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    n = len(order)
+    n_test = int(math.floor(n * test_fraction + 0.5)) if test_fraction > 0 else 0
+    if test_fraction > 0 and n >= 3:
+        n_test = max(1, n_test)
+    n_test = min(n_test, max(n - 2, 0))  # always leave one training and one validation case when possible
+    test, rest = order[:n_test], order[n_test:]
+    if folds > 1:
+        if len(rest) < folds:
+            raise ValueError(f"{len(rest)} non-test cases cannot make {folds} folds")
+        fold_lists = [sorted(rest[i::folds]) for i in range(folds)]
+        val = fold_lists[fold]
+    else:
+        n_val = int(math.floor(len(rest) * val_fraction + 0.5))
+        n_val = min(max(1 if len(rest) >= 2 else 0, n_val), max(len(rest) - 1, 0))
+        val = sorted(rest[:n_val])
+        fold_lists = [val]
+    train = sorted(c for c in rest if c not in set(val))
+    if not train:
+        raise ValueError(f"no training case left: {n} labelled case(s) for test_fraction={test_fraction}")
+    return {
+        "seed": seed,
+        "folds": folds,
+        "fold": fold,
+        "train": train,
+        "val": val,
+        "test": sorted(test),
+        "predict": sorted(set(unlabelled)),
+        "fold_lists": fold_lists,
+    }
+
+
+def write_split(split: dict, path) -> None:
+    from liverseg.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(split, indent=2) + "\n")
+
+
+def read_split(path) -> dict:
+    with open(path) as fh:
+        return json.load(fh)

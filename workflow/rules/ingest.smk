@@ -1,0 +1,32 @@
+rule make_phantom:
+    output:
+        image=f"{R}/ingest/phantom/volume-{{case}}.nii.gz",
+        label=f"{R}/ingest/phantom/segmentation-{{case}}.nii.gz",
+    log:
+        f"{R}/logs/ingest/phantom-{{case}}.log",
+    params:
+        seed=lambda wc: config["dataset"]["phantom"]["seed"] * 1000 + int(wc.case),
+        size=config["dataset"]["phantom"]["size"],
+        slices=config["dataset"]["phantom"]["slices"],
+        max_tumours=config["dataset"]["phantom"]["max_tumours"],
+    conda:
+        "../../envs/imaging.yaml"
+    shell:
+        "python -m liverseg phantom --seed {params.seed} --size {params.size} --slices {params.slices}"
+        " --max-tumours {params.max_tumours} {output.image:q} {output.label:q} > {log:q} 2>&1"
+
+
+rule list_cases:
+    output:
+        f"{R}/ingest/cases.tsv",
+    log:
+        f"{R}/logs/ingest/cases.log",
+    params:
+        # The case table is rewritten whenever the discovered cases change.
+        cases=sorted((c.case_id, c.image, c.label or "") for c in DISCOVERY.cases),
+        rejected=DISCOVERY.rejected,
+    localrule: True
+    run:
+        from liverseg.ingest import write_case_table
+
+        write_case_table(DISCOVERY, output[0])

@@ -1,0 +1,24 @@
+rule preprocess:
+    input:
+        unpack(existing_inputs),
+    output:
+        f"{R}/preprocess/{{case}}.h5",
+    log:
+        f"{R}/logs/preprocess/{{case}}.log",
+    params:
+        image=case_image,
+        label=lambda wc: f"--label {shlex.quote(case_label(wc))}" if case_label(wc) else "",
+        lower=config["window"]["lower"],
+        upper=config["window"]["upper"],
+        mode=config["window"]["mode"],
+        size=config["slices"]["size"],
+        tol=config["ingest"]["affine_tolerance"],
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/imaging.yaml"
+    shell:
+        "python -m liverseg preprocess --case {wildcards.case:q} --image {params.image:q} {params.label}"
+        " --lower {params.lower} --upper {params.upper} --mode {params.mode} --size {params.size}"
+        " --affine-tolerance {params.tol} {output:q} > {log:q} 2>&1"
