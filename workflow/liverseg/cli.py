@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from liverseg.errors import CaseError, ConfigError
+from liverseg.errors import CaseError, ConfigError, ModelFileError
 
 log = logging.getLogger("liverseg")
 
@@ -96,13 +96,143 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.set_defaults(func=_cmd_split)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    s = sub.add_parser("train", help="train the slice classifier, model A or model B")
+    s.add_argument("--role", required=True, choices=["classifier", "model_a", "model_b"])
+    s.add_argument("--split", required=True, help="split.json written by `liverseg split`")
+    s.add_argument("--h5-dir", required=True, help="folder with <case>.h5 files")
+    s.add_argument("--config", help="config YAML (defaults from the schema)")
+    s.add_argument("--config-json", help="resolved config as JSON (what the Snakemake rule passes)")
+    s.add_argument("--checkpoint-dir", required=True, help="per-epoch checkpoints; a rerun resumes from here")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("out_dir")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("predict-case", help="gated inference for one preprocessed case (HDF5) -> label NIfTI")
+    s.add_argument("--case", required=True)
+    s.add_argument("--h5", required=True)
+    s.add_argument("--models", required=True, help="folder with classifier/, model_a/, model_b/")
+    s.add_argument("--mode", choices=["cascade", "model_a"], default="cascade")
+    s.add_argument("--scores", help="TSV of per-slice classifier scores and gating")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--tta", action="store_true", help="average with a left-right flipped pass")
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("out")
+    s.set_defaults(func=_cmd_predict_case)
+
+    s = sub.add_parser("postprocess", help="largest 3D liver component, tumour inside liver only")
+    s.add_argument("--case", required=True)
+    s.add_argument("--connectivity", type=int, choices=[6, 18, 26], default=26)
+    s.add_argument("--min-lesion-mm3", type=float, default=0.0)
+    s.add_argument("--fill-holes", action="store_true")
+    s.add_argument("input")
+    s.add_argument("out")
+    s.set_defaults(func=_cmd_postprocess)
+
+    s = sub.add_parser("evaluate-case", help="LiTS metrics of one prediction against its reference label")
+    s.add_argument("--case", required=True)
+    s.add_argument("--pred", required=True)
+    s.add_argument("--ref", required=True)
+    s.add_argument("out")
+    s.set_defaults(func=_cmd_evaluate_case)
+
+    s = sub.add_parser("aggregate", help="per-case TSVs -> per_case.tsv + summary.json")
+    s.add_argument("--out-tsv", required=True)
+    s.add_argument("--out-json", required=True)
+    s.add_argument("--extra-json", help="JSON merged into the summary (e.g. skipped cases)")
+    s.add_argument("tsvs", nargs="*")
+    s.set_defaults(func=_cmd_aggregate)
+
+    s = sub.add_parser("overlay", help="PNG: CT | reference | prediction contours at three slices")
+    s.add_argument("--case", required=True)
+    s.add_argument("--image", required=True)
+    s.add_argument("--ref", required=True)
+    s.add_argument("--pred", required=True)
+    s.add_argument("--title", default="")
+    s.add_argument("out")
+    s.set_defaults(func=_cmd_overlay)
+
+    s = sub.add_parser("summarize", help="experiment comparison table (markdown) and per-case Dice plot")
+    s.add_argument("--experiments", nargs="+", required=True, help="experiments that were run")
+    s.add_argument("--metrics-dir", required=True, help="folder with <experiment>/post/summary.json")
+    s.add_argument("--benchmarks-dir", required=True, help="folder with <experiment>/<case>.tsv timing files")
+    s.add_argument("--out-md", required=True)
+    s.add_argument("--out-plot", required=True)
+    s.set_defaults(func=_cmd_summarize)
     return p
 
 
-# Later stages register their subcommands here (keeps this module free of torch imports at parse time).
-_EXTRA_COMMANDS: list = []
+def _cmd_overlay(a):
+    from liverseg.report import overlay_case
+
+    overlay_case(a.case, a.image, a.ref, a.pred, a.out, title=a.title)
+
+
+def _cmd_summarize(a):
+    from pathlib import Path
+
+    from liverseg.report import dice_plot, inference_seconds, load_summaries, summary_table
+
+    mdir, bdir = Path(a.metrics_dir), Path(a.benchmarks_dir)
+    summaries = load_summaries({e: mdir / e / "post" / "summary.json" for e in a.experiments})
+    cases = {e: summaries[e]["cases"] for e in a.experiments}
+    seconds = {e: inference_seconds([str(bdir / e / f"{c}.tsv") for c in cases[e] if (bdir / e / f"{c}.tsv").exists()])
+               for e in a.experiments}
+    skipped = sorted({c for e in a.experiments for c in summaries[e].get("predict_only_skipped", [])})
+    print(summary_table(summaries, seconds, a.experiments, skipped, a.out_md))
+    dice_plot({e: str(mdir / e / "post" / "per_case.tsv") for e in a.experiments}, a.out_plot)
+
+
+def _cmd_predict_case(a):
+    import torch
+
+    from liverseg.predict import predict_case
+
+    torch.set_num_threads(max(1, a.threads))
+    s = predict_case(a.case, a.h5, a.models, a.out, a.scores, a.mode, a.device, a.tta, a.batch)
+    print(json.dumps(s))
+
+
+def _cmd_postprocess(a):
+    from liverseg.postprocess import postprocess_case
+
+    print(json.dumps(postprocess_case(a.case, a.input, a.out, a.connectivity, a.min_lesion_mm3, a.fill_holes)))
+
+
+def _cmd_evaluate_case(a):
+    from liverseg.evaluate import evaluate_case
+
+    evaluate_case(a.case, a.pred, a.ref, a.out)
+
+
+def _cmd_aggregate(a):
+    from liverseg.evaluate import aggregate_files
+
+    extra = json.loads(a.extra_json) if a.extra_json else None
+    aggregate_files(a.tsvs, a.out_tsv, a.out_json, extra)
+
+
+def _load_config(a):
+    from liverseg import config as cfgmod
+
+    if getattr(a, "config_json", None):
+        return cfgmod.validate(json.loads(a.config_json))
+    return cfgmod.load(a.config)
+
+
+def _cmd_train(a):
+    from pathlib import Path
+
+    from liverseg.split import read_split
+    from liverseg.train import train
+
+    cfg = _load_config(a)
+    split = read_split(a.split)
+    paths = {c: str(Path(a.h5_dir) / f"{c}.h5") for c in split["train"] + split["val"]}
+    missing = [p for p in paths.values() if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"missing preprocessed case file(s): {', '.join(missing[:5])}")
+    train(a.role, paths, split, cfg, a.out_dir, a.checkpoint_dir, threads=a.threads)
 
 
 def main(argv=None) -> int:
@@ -114,7 +244,7 @@ def main(argv=None) -> int:
     except CaseError as exc:
         print(f"liverseg {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, ModelFileError) as exc:
         print(f"liverseg {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0

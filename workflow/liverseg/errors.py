@@ -14,3 +14,7 @@ class CaseError(Exception):
 
 class ConfigError(Exception):
     """A configuration value that the schema cannot catch (e.g. a file it points to is missing)."""
+
+
+class ModelFileError(Exception):
+    """A model file that is missing, corrupt, unsafe to unpickle, or does not fit the data it is applied to."""

@@ -1,3 +1,4 @@
+import json
 import os
 import shlex
 import sys
@@ -68,4 +69,10 @@ def data_targets():
 
 
 def all_targets():
-    return data_targets()
+    exps = config["experiments"]
+    return (
+        data_targets()
+        + [f"{R}/report/summary.md", f"{R}/report/dice_per_case.png"]
+        + expand(f"{R}/report/overlays/{{experiment}}/{{case}}.png", experiment=exps, case=SPLIT["test"])
+        + expand(f"{R}/predict/{{experiment}}/{{case}}.nii.gz", experiment=exps, case=SPLIT["predict"])
+    )

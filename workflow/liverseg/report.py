@@ -1,0 +1,177 @@
+"""Pictures and tables for people: per-case overlays, the experiment comparison table, per-case Dice plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from liverseg.io import atomic_path, geometry_of, load_nifti  # noqa: E402
+
+# Rows of the original study's results table, in its order, with what each experiment is.
+EXPERIMENTS = {
+    "v4_cascade": "V4 cascade: classifier + UNet++ A/B, gated, + CCA",
+    "v2_unetpp_cca": "V2 2D UNet++ + CCA",
+    "v3_convlstm": "V3 2.5D ConvLSTM + CCA",
+    "v1_3dcnn": "V1 3D CNN + CCA",
+}
+COLOURS = {"liver": "#33dd55", "tumour": "#ff3355"}
+
+
+def _display(slice_xy: np.ndarray) -> np.ndarray:
+    """Canonical (x, y) slice -> image rows = anterior at top, patient right on the image's left (radiological)."""
+    return slice_xy[::-1, :].T
+
+
+def pick_slices(ref: np.ndarray, pred: np.ndarray) -> list[tuple[str, int]]:
+    """Three representative canonical z indices: largest liver, largest tumour (or worst liver error), a border."""
+    liver_area = (ref >= 1).sum(axis=(0, 1))
+    out = []
+    if liver_area.any():
+        out.append(("largest liver", int(np.argmax(liver_area))))
+    else:
+        out.append(("largest predicted liver", int(np.argmax((pred >= 1).sum(axis=(0, 1))))))
+    tum = (ref == 2).sum(axis=(0, 1))
+    if tum.any():
+        out.append(("largest tumour", int(np.argmax(tum))))
+    else:
+        err = ((ref >= 1) ^ (pred >= 1)).sum(axis=(0, 1))
+        out.append(("largest liver error", int(np.argmax(err))))
+    zs = np.flatnonzero(liver_area)
+    if zs.size:
+        out.append(("liver border (superior end)", int(zs[-1] - min(2, (zs.size - 1) // 4))))
+    else:
+        out.append(("middle slice", ref.shape[2] // 2))
+    return out
+
+
+def overlay_case(case: str, image_path, ref_path, pred_path, out_png, lower=-150, upper=250, title="") -> None:
+    """CT | reference | prediction at three slices, contours (not filled), aspect ratio from the voxel spacing."""
+    img = load_nifti(image_path, case, "image")
+    geom = geometry_of(img)
+    ct = geom.to_canonical(np.asanyarray(img.dataobj))
+    ref = geom.to_canonical(np.asanyarray(load_nifti(ref_path, case, "label").dataobj).astype(np.uint8))
+    pred = geom.to_canonical(np.asanyarray(load_nifti(pred_path, case, "prediction").dataobj).astype(np.uint8))
+    sx, sy, _ = geom.canonical_spacing
+    rows = pick_slices(ref, pred)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(10.5, 3.6 * len(rows)))
+    for r, (what, z) in enumerate(rows):
+        ct2 = _display(ct[:, :, z].astype(np.float32))
+        for c, (name, lab) in enumerate((("CT", None), ("reference", ref), ("prediction", pred))):
+            ax = axes[r, c]
+            ax.imshow(ct2, cmap="gray", vmin=lower, vmax=upper, origin="lower", aspect=sy / sx,
+                      interpolation="nearest")
+            if lab is not None:
+                l2 = _display(lab[:, :, z])
+                for cls, level in (("liver", 1), ("tumour", 2)):
+                    m = (l2 >= level).astype(float)
+                    if m.any():
+                        ax.contour(m, levels=[0.5], colors=COLOURS[cls], linewidths=1.2, origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{name} - {what}, slice {z}" if c == 0 else name, fontsize=9)
+    fig.suptitle(f"case {case} {title}  (green: liver, red: tumour; radiological view: patient right on the left)",
+                 fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def _fmt(v, nd=4):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{nd}f}"
+
+
+def _mean_sd(block):
+    if block["mean"] is None:
+        return "n/a"
+    return f"{block['mean']:.4f} ± {block['sd']:.4f}"
+
+
+def inference_seconds(bench_tsvs: list[str]) -> float | None:
+    vals = []
+    for p in bench_tsvs:
+        with open(p, newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        if rows:
+            vals.append(float(rows[0]["s"]))
+    return float(np.mean(vals)) if vals else None
+
+
+def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], run: list[str],
+                  skipped: list[str], out_md) -> str:
+    """Markdown comparison with the original study's rows; experiments not run say so."""
+    lines = [
+        "# liverseg: experiment comparison",
+        "",
+        "Metrics on the held-out **test cases** on their original voxel grids, after post-processing (largest 3D",
+        "liver component). Liver = label >= 1 (tumour included), tumour = label 2, as LiTS scores them.",
+        "Dice per case is mean ± sd over cases; Dice global pools all voxels of all cases. ASSD is the liver's, in mm.",
+        "",
+        "| experiment | liver Dice per case | liver Dice global | tumour Dice per case | liver ASSD (mm) |"
+        " lesion recall | inference s/case | cases |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, name in EXPERIMENTS.items():
+        if key not in run or key not in summaries:
+            lines.append(f"| {name} | not run | | | | | | |")
+            continue
+        agg = summaries[key]["aggregate"]
+        lv, tu = agg["liver"], agg["tumour"]
+        lines.append(
+            f"| {name} | {_mean_sd(lv['dice'])} | {_fmt(lv['dice_global'])} | {_mean_sd(tu['dice'])} |"
+            f" {_fmt(lv['assd']['mean'], 2)} | {_fmt(tu.get('lesion_recall_pooled'), 3)} |"
+            f" {_fmt(seconds.get(key), 1)} | {lv['cases']} |"
+        )
+    lines += [
+        "",
+        "Raw (before post-processing) versus post-processed liver Dice per case shows what the CCA step did; see",
+        "`metrics/<experiment>/raw/summary.json` and `.../post/summary.json`.",
+        "",
+        "Published reference points (other data, other splits; not comparable one-to-one): the original study",
+        "reports liver Dice 0.9717 (V2) and 0.9720 (V4) on an 80/51 re-split of LiTS; the best published LiTS",
+        "per-case Dice is 0.963 (liver) and 0.739 (tumour).",
+    ]
+    if skipped:
+        lines += ["", f"Predict-only cases (no reference label, not evaluated): {', '.join(skipped)}"]
+    text = "\n".join(lines) + "\n"
+    with atomic_path(out_md) as tmp:
+        Path(tmp).write_text(text)
+    return text
+
+
+def dice_plot(per_case: dict[str, str], out_png) -> None:
+    """Strip plot of per-case liver and tumour Dice per experiment."""
+    from liverseg.evaluate import read_rows
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    names = list(per_case)
+    for ax, cls in zip(axes, ("liver", "tumour")):
+        for i, exp in enumerate(names):
+            vals = [r["dice"] for r in read_rows(per_case[exp]) if r["class"] == cls]
+            x = np.full(len(vals), i) + np.linspace(-0.12, 0.12, max(len(vals), 1))[: len(vals)]
+            ax.plot(x, vals, "o", alpha=0.7)
+            if vals:
+                ax.hlines(np.mean(vals), i - 0.25, i + 0.25, colors="k")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=15)
+        ax.set_title(f"{cls} Dice per case (bar: mean)")
+        ax.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def load_summaries(paths: dict[str, str]) -> dict[str, dict]:
+    return {k: json.loads(Path(p).read_text()) for k, p in paths.items()}
+

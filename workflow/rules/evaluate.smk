@@ -1,0 +1,45 @@
+def stage_prediction(wildcards):
+    folder = "predict" if wildcards.stage == "raw" else "postprocess"
+    return f"{R}/{folder}/{wildcards.experiment}/{wildcards.case}.nii.gz"
+
+
+rule evaluate_case:
+    input:
+        pred=stage_prediction,
+    output:
+        f"{R}/evaluate/{{experiment}}/{{stage}}/cases/{{case}}.tsv",
+    log:
+        f"{R}/logs/evaluate/{{experiment}}/{{stage}}/{{case}}.log",
+    params:
+        ref=case_label,
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    conda:
+        "../../envs/imaging.yaml"
+    shell:
+        "python -m liverseg evaluate-case --case {wildcards.case:q} --pred {input.pred:q} --ref {params.ref:q}"
+        " {output:q} > {log:q} 2>&1"
+
+
+rule aggregate_metrics:
+    input:
+        lambda wc: [f"{R}/evaluate/{wc.experiment}/{wc.stage}/cases/{c}.tsv" for c in SPLIT["test"]],
+    output:
+        tsv=report(
+            f"{R}/evaluate/{{experiment}}/{{stage}}/per_case.tsv",
+            category="Metrics",
+            subcategory="{experiment}",
+            caption="../report/per_case.rst",
+        ),
+        json=f"{R}/evaluate/{{experiment}}/{{stage}}/summary.json",
+    log:
+        f"{R}/logs/evaluate/{{experiment}}/{{stage}}/aggregate.log",
+    params:
+        extra=lambda wc: json.dumps({"experiment": wc.experiment, "stage": wc.stage, "predict_only_skipped": UNLABELLED}),
+    localrule: True
+    conda:
+        "../../envs/imaging.yaml"
+    shell:
+        "python -m liverseg aggregate --out-tsv {output.tsv:q} --out-json {output.json:q}"
+        " --extra-json {params.extra:q} {input:q} > {log:q} 2>&1"

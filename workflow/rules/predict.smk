@@ -1,0 +1,40 @@
+PREDICT_MODE = {"v2_unetpp_cca": "model_a", "v4_cascade": "cascade"}
+
+
+wildcard_constraints:
+    experiment="|".join(PREDICT_MODE),
+    stage="raw|post",
+
+
+def models_for(wildcards):
+    roles = ["model_a"] if PREDICT_MODE[wildcards.experiment] == "model_a" else ["classifier", "model_a", "model_b"]
+    return [f"{R}/train/{r}/model.pt" for r in roles]
+
+
+rule predict:
+    input:
+        h5=lambda wc: h5(wc.case),
+        models=models_for,
+    output:
+        seg=f"{R}/predict/{{experiment}}/{{case}}.nii.gz",
+        scores=f"{R}/predict/{{experiment}}/{{case}}_slices.tsv",
+    log:
+        f"{R}/logs/predict/{{experiment}}/{{case}}.log",
+    benchmark:
+        f"{R}/benchmarks/predict/{{experiment}}/{{case}}.tsv"
+    params:
+        mode=lambda wc: PREDICT_MODE[wc.experiment],
+        device=config["predict"]["device"],
+        tta="--tta" if config["predict"]["tta"] else "",
+        batch=config["predict"]["batch_size"],
+        models=f"{R}/train",
+    threads: config["predict"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m liverseg predict-case --case {wildcards.case:q} --h5 {input.h5:q} --models {params.models:q}"
+        " --mode {params.mode} --device {params.device} {params.tta} --batch {params.batch} --threads {threads}"
+        " --scores {output.scores:q} {output.seg:q} > {log:q} 2>&1"
