@@ -37,3 +37,42 @@ def tiny_case(tmp_path):
     img, lab = tmp_path / "volume-1.nii.gz", tmp_path / "segmentation-1.nii.gz"
     write_case(1, img, lab, PhantomSpec(size=64, slices=24))
     return img, lab
+
+
+TINY_TRAIN = {
+    "seed": 0, "workers": 0, "threads": 1, "device": "cpu",
+    "classifier": {"encoder": "resnet18", "encoder_depth": 3, "input_size": 32, "batch_size": 4, "epochs": 2,
+                   "samples_per_epoch": 8},
+    "model_a": {"encoder": "mobilenet_v2", "encoder_depth": 3, "decoder_channels": [16, 8, 8], "batch_size": 4,
+                "epochs": 2, "samples_per_epoch": 8},
+    "model_b": {"encoder": "mobilenet_v2", "encoder_depth": 3, "decoder_channels": [16, 8, 8], "batch_size": 4,
+                "epochs": 2, "samples_per_epoch": 8, "crop_margin": 2},
+}
+
+
+def tiny_config(**over):
+    from liverseg import config
+
+    cfg = {"slices": {"size": 32, "context": 1}, "train": TINY_TRAIN}
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    config._merge(cfg, over)
+    return config.validate(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """Four small phantom cases preprocessed to HDF5 (32 x 32 slices) and a split: 2 train, 1 val, 1 test."""
+    from liverseg.phantom import PhantomSpec, write_case
+    from liverseg.preprocess import preprocess_case
+
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {}
+    for i in range(4):
+        img, lab = root / f"volume-{i}.nii.gz", root / f"segmentation-{i}.nii.gz"
+        write_case(100 + i, img, lab, PhantomSpec(size=48, slices=16))
+        paths[str(i)] = str(root / f"{i}.h5")
+        preprocess_case(str(i), img, paths[str(i)], label_path=lab, size=32)
+    split = {"train": ["0", "1"], "val": ["2"], "test": ["3"], "predict": [], "seed": 0, "folds": 1, "fold": 0}
+    return root, paths, split

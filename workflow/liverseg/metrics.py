@@ -24,8 +24,8 @@ def liver_tumour_dice(pred_labels: np.ndarray, ref_labels: np.ndarray) -> tuple[
 
 # ---------------------------------------------------------------------------------------------- full metric set
 # Surface-distance conventions follow medpy (tested against it): the surface of a mask is the mask minus its
-# erosion with a 6-connected (face) structuring element; ASSD is the mean of the two directed average surface
-# distances; MSSD (Hausdorff) the larger of the two directed maxima; HD95 the 95th percentile of both directed
+# erosion with a 6-connected (face) structuring element; ASSD is the mean over both directed distance sets
+# pooled (as medpy >= 0.5 and the LiTS evaluation compute it); MSSD (Hausdorff) the larger of the two directed maxima; HD95 the 95th percentile of both directed
 # distance sets together.  Distances are in mm from the voxel spacing.
 # Empty masks: both empty -> distances 0, RVD 0; exactly one empty -> distances and RVD undefined (NaN), and the
 # summary counts such cases instead of averaging over them silently.
@@ -85,9 +85,10 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
         out.update(assd=NAN, mssd=NAN, hd95=NAN)
     else:
         d_pr, d_rp = surface_distances(pred, ref, spacing)
-        out["assd"] = float((d_pr.mean() + d_rp.mean()) / 2)
+        both = np.hstack((d_pr, d_rp))
+        out["assd"] = float(both.mean())
         out["mssd"] = float(max(d_pr.max(), d_rp.max()))
-        out["hd95"] = float(np.percentile(np.hstack((d_pr, d_rp)), 95))
+        out["hd95"] = float(np.percentile(both, 95))
     return out
 
 

@@ -276,7 +276,7 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
             scaler.step(opt)
             scaler.update()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             n_batches += 1
             seen += x.shape[0]
             bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from liverseg.ingest import discover, discover_directory, read_samplesheet, write_case_table, read_case_table
+
+from conftest import write_nifti
+
+A = np.zeros((4, 4, 4), np.int16)
+
+
+def _touch(p):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    write_nifti(p, A)
+
+
+def test_lits_flat_padded_and_unpadded(tmp_path):
+    for name in ["volume-0.nii", "segmentation-0.nii", "volume-070.nii.gz", "segmentation-070.nii.gz",
+                 "volume-5.nii.gz", "notes.txt", "._volume-9.nii"]:
+        _touch(tmp_path / name) if name.endswith((".nii", ".gz")) else (tmp_path / name).write_text("x")
+    d = discover_directory(tmp_path)
+    assert [c.case_id for c in d.cases] == ["0", "5", "70"]
+    by = {c.case_id: c for c in d.cases}
+    assert by["70"].label.endswith("segmentation-070.nii.gz")
+    assert by["5"].label is None and not by["5"].labelled  # a volume without a label is predict-only
+    assert d.rejected == []
+
+
+def test_lits_subfolders(tmp_path):
+    _touch(tmp_path / "volume" / "volume-3.nii")
+    _touch(tmp_path / "segmentation" / "segmentation-3.nii")
+    d = discover_directory(tmp_path)
+    assert len(d.cases) == 1 and d.cases[0].labelled
+
+
+def test_duplicate_ids_are_rejected(tmp_path):
+    _touch(tmp_path / "volume-7.nii")
+    _touch(tmp_path / "volume-007.nii.gz")
+    d = discover_directory(tmp_path)
+    assert d.cases == []
+    assert d.rejected[0][0] == "7" and "duplicate" in d.rejected[0][1]
+
+
+def test_decathlon_layout(tmp_path):
+    _touch(tmp_path / "imagesTr" / "liver_0.nii.gz")
+    _touch(tmp_path / "labelsTr" / "liver_0.nii.gz")
+    _touch(tmp_path / "imagesTs" / "liver_132.nii.gz")
+    _touch(tmp_path / "imagesTr" / "._liver_0.nii.gz")
+    d = discover_directory(tmp_path)
+    assert [(c.case_id, c.labelled) for c in d.cases] == [("liver_0", True), ("liver_132", False)]
+
+
+def test_samplesheet_relative_paths_and_bad_ids(tmp_path):
+    (tmp_path / "s.tsv").write_text(
+        "case_id\timage\tlabel\n"
+        "good_1\timgs/a.nii.gz\tlabs/a.nii.gz\n"
+        "pred-2\timgs/b.nii.gz\t\n"
+        "bad id\timgs/c.nii.gz\t\n"
+        "quo'te\timgs/d.nii.gz\t\n"
+        "good_1\timgs/e.nii.gz\t\n"
+    )
+    d = read_samplesheet(tmp_path / "s.tsv")
+    assert [c.case_id for c in d.cases] == ["pred-2"]
+    assert d.cases[0].image == str(tmp_path / "imgs" / "b.nii.gz")
+    reasons = dict(d.rejected)
+    assert "letters, digits" in reasons["bad id"] and "letters, digits" in reasons["quo'te"]
+    assert "duplicate" in reasons["good_1"]
+    write_case_table(d, tmp_path / "cases.tsv")
+    rows = read_case_table(tmp_path / "cases.tsv")
+    assert {r["status"] for r in rows} == {"predict-only", "rejected"}
+
+
+def test_samplesheet_missing_column(tmp_path):
+    (tmp_path / "s.tsv").write_text("id\timage\n1\ta.nii\n")
+    with pytest.raises(ValueError, match="case_id"):
+        read_samplesheet(tmp_path / "s.tsv")
+
+
+def test_discover_from_config(tmp_path):
+    cfg = {"results": "res", "dataset": {"source": "phantom", "phantom": {"n_cases": 3}}}
+    d = discover(cfg)
+    assert [c.image for c in d.cases][0] == "res/ingest/phantom/volume-0.nii.gz"
+    with pytest.raises(ValueError, match="dataset.directory is empty"):
+        discover({"results": "r", "dataset": {"source": "directory", "directory": ""}})

@@ -1,0 +1,32 @@
+import pytest
+
+from liverseg.split import make_split
+
+IDS = [str(i) for i in range(20)]
+
+
+def test_case_level_split_is_disjoint_and_seeded():
+    a = make_split(IDS, ["p1"], seed=3, test_fraction=0.25, val_fraction=0.2)
+    b = make_split(IDS, ["p1"], seed=3, test_fraction=0.25, val_fraction=0.2)
+    c = make_split(IDS, ["p1"], seed=4, test_fraction=0.25, val_fraction=0.2)
+    assert a == b and a["test"] != c["test"]
+    sets = [set(a[k]) for k in ("train", "val", "test")]
+    assert sum(map(len, sets)) == 20 and len(set.union(*sets)) == 20
+    assert len(a["test"]) == 5 and a["predict"] == ["p1"]
+
+
+def test_kfold_covers_every_non_test_case_once():
+    folds = [make_split(IDS, seed=0, test_fraction=0.2, folds=4, fold=f) for f in range(4)]
+    test = set(folds[0]["test"])
+    assert all(set(f["test"]) == test for f in folds)
+    vals = [set(f["val"]) for f in folds]
+    assert sum(map(len, vals)) == 16 and set.union(*vals) == set(IDS) - test
+    for f in folds:
+        assert not set(f["train"]) & set(f["val"])
+
+
+def test_tiny_datasets_keep_a_training_case():
+    s = make_split(["a", "b", "c"], test_fraction=0.25, val_fraction=0.2)
+    assert len(s["train"]) == 1 and len(s["val"]) == 1 and len(s["test"]) == 1
+    with pytest.raises(ValueError, match="fold"):
+        make_split(IDS, folds=2, fold=2)

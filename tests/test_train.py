@@ -1,0 +1,131 @@
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from liverseg import models as M
+from liverseg.errors import ModelFileError
+from liverseg.train import soft_dice_loss, train, youden_threshold
+
+from conftest import ROOT, tiny_config
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_soft_dice_loss_is_zero_for_perfect_logits():
+    y = torch.randint(0, 3, (2, 8, 8))
+    logits = torch.nn.functional.one_hot(y, 3).permute(0, 3, 1, 2).float() * 50
+    assert float(soft_dice_loss(logits, y)) < 1e-3
+    assert float(soft_dice_loss(-logits, y)) > 0.9
+
+
+def test_youden_threshold_separates_classes():
+    import numpy as np
+
+    s = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    t = np.array([0, 0, 0, 1, 1, 1], bool)
+    thr, bacc = youden_threshold(s, t)
+    assert 0.3 < thr <= 0.7 and bacc == 1.0
+
+
+@pytest.mark.parametrize("role", ["classifier", "model_a", "model_b"])
+def test_training_outputs_and_reload(tiny_dataset, tmp_path, role):
+    _, paths, split = tiny_dataset
+    cfg = tiny_config()
+    spec = train(role, paths, split, cfg, tmp_path / "out", tmp_path / "ckpt")
+    out = tmp_path / "out"
+    for f in ("model.pt", "model.json", "log.csv", "curves.png"):
+        assert (out / f).stat().st_size > 0
+    saved = json.loads((out / "model.json").read_text())
+    assert saved["config_hash"] == spec["config_hash"] and saved["in_channels"] == 3
+    assert saved["window"]["lower"] == -150 and saved["input_size"] == (32 if role != "classifier" else 32)
+    if role == "classifier":
+        assert 0 <= saved["threshold"] <= 1
+    header = (out / "log.csv").read_text().splitlines()[0]
+    for col in ("epoch", "train_loss", "lr", "seconds", "slices_per_s"):
+        assert col in header
+    if role != "classifier":
+        assert "val_liver_dice" in header and "val_tumour_dice" in header
+    model, spec2 = M.load(out / "model.pt")
+    assert spec2["role"] == role
+
+
+def test_same_seed_same_weights_and_other_seed_differs(tiny_dataset, tmp_path):
+    _, paths, split = tiny_dataset
+    cfg = tiny_config()
+    train("model_a", paths, split, cfg, tmp_path / "a", tmp_path / "ca")
+    train("model_a", paths, split, cfg, tmp_path / "b", tmp_path / "cb")
+    wa, wb = _weights(tmp_path / "a" / "model.pt"), _weights(tmp_path / "b" / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    train("model_a", paths, split, tiny_config(train={"seed": 1}), tmp_path / "c", tmp_path / "cc")
+    wc = _weights(tmp_path / "c" / "model.pt")
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny_dataset, tmp_path):
+    """SIGKILL a training process after its first epoch checkpoint; the rerun resumes and matches a clean run."""
+    _, paths, split = tiny_dataset
+    cfg = tiny_config(train={"model_a": {"epochs": 4}})
+    h5dir = os.path.dirname(paths["0"])
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    cmd = [sys.executable, "-m", "liverseg", "train", "--role", "model_a", "--split", str(tmp_path / "split.json"),
+           "--h5-dir", h5dir, "--config-json", json.dumps(cfg), "--checkpoint-dir", str(tmp_path / "ck"),
+           str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    ck = tmp_path / "ck" / "last.pt"
+    deadline = time.time() + 120
+    while not ck.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ck.exists() and not (tmp_path / "out" / "model.pt").exists()
+    done = torch.load(ck, weights_only=True)["epoch"]
+    assert 1 <= done < 4
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming from checkpoint after epoch {done}" in r.stderr
+    train("model_a", paths, split, cfg, tmp_path / "clean", tmp_path / "ck_clean")
+    wa, wb = _weights(tmp_path / "out" / "model.pt"), _weights(tmp_path / "clean" / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_model_files_give_clear_errors(tiny_dataset, tmp_path):
+    _, paths, split = tiny_dataset
+    train("classifier", paths, split, tiny_config(), tmp_path / "m", tmp_path / "c")
+    good = tmp_path / "m" / "model.pt"
+    with pytest.raises(ModelFileError, match="model file missing"):
+        M.load(tmp_path / "nope.pt")
+    bad = tmp_path / "bad" / "model.pt"
+    bad.parent.mkdir()
+    (bad.parent / "model.json").write_text((tmp_path / "m" / "model.json").read_text())
+    bad.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(ModelFileError, match="cannot load model weights"):
+        M.load(bad)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    with open(bad, "wb") as fh:
+        pickle.dump({"x": Evil()}, fh)
+    with pytest.raises(ModelFileError, match="weights_only"):
+        M.load(bad)
+    assert not (tmp_path / "pwned").exists()
+    spec = json.loads((bad.parent / "model.json").read_text())
+    spec["encoder"] = "resnet34"
+    (bad.parent / "model.json").write_text(json.dumps(spec))
+    bad.write_bytes(good.read_bytes())
+    with pytest.raises(ModelFileError, match="do not match the architecture"):
+        M.load(bad)
+    r = subprocess.run([sys.executable, "-m", "liverseg", "predict-case", "--case", "3", "--h5", paths["3"],
+                        "--models", str(tmp_path / "none"), str(tmp_path / "p.nii.gz")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("liverseg predict-case: error: model file missing")
