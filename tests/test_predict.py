@@ -1,0 +1,86 @@
+import nibabel as nib
+import numpy as np
+import pytest
+import torch.nn.functional as F
+import torch
+from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
+
+import liverseg.predict as P
+from liverseg.errors import ModelFileError
+from liverseg.phantom import PhantomSpec, generate
+from liverseg.preprocess import preprocess_case
+from liverseg.train import train
+
+from conftest import tiny_config, write_nifti
+
+
+@pytest.mark.parametrize("codes", [("L", "P", "S"), ("R", "A", "I"), ("A", "S", "R"), ("P", "I", "L")])
+def test_prediction_lands_on_the_original_grid(tmp_path, monkeypatch, codes):
+    """With an oracle in place of model A, the written prediction must equal the source label voxel for voxel."""
+    img, lab, aff = generate(5, PhantomSpec(size=40, slices=40))  # cube, so every permutation keeps square slices
+    t = ornt_transform(nib.orientations.io_orientation(aff), axcodes2ornt(codes))
+    img_o = np.ascontiguousarray(nib.orientations.apply_orientation(img, t))
+    lab_o = np.ascontiguousarray(nib.orientations.apply_orientation(lab, t))
+    aff_o = aff @ inv_ornt_aff(t, img.shape)
+    ip = write_nifti(tmp_path / "volume-5.nii.gz", img_o, aff_o)
+    lp = write_nifti(tmp_path / "segmentation-5.nii.gz", lab_o, aff_o)
+    h5 = tmp_path / "5.h5"
+    preprocess_case("5", ip, h5, label_path=lp, size=40)
+    _, _, attrs, label = P.read_case(h5, "5")
+
+    spec = {"window": {"mode": "fixed", "lower": -150.0, "upper": 250.0}, "slice_size": 40}
+    monkeypatch.setattr(P, "load", lambda *a, **k: (None, spec))
+
+    def oracle(model, spec, image, zs, device, box=None, out_shape=None, **kw):
+        lab_t = torch.from_numpy(label[zs]).float()[:, None]
+        yield zs, F.interpolate(lab_t, size=out_shape, mode="nearest-exact")[:, 0].numpy().astype(np.uint8)
+
+    monkeypatch.setattr(P, "segment", oracle)
+    P.predict_case("5", h5, tmp_path / "models", tmp_path / "pred.nii.gz", tmp_path / "s.tsv", mode="model_a")
+    out = nib.load(tmp_path / "pred.nii.gz")
+    assert np.allclose(out.affine, aff_o) and out.shape == img_o.shape
+    assert np.array_equal(np.asanyarray(out.dataobj), lab_o)
+    assert nib.aff2axcodes(out.affine) == codes
+
+
+def test_liver_box_from_largest_component():
+    vol = np.zeros((20, 30, 10), np.uint8)
+    vol[5:10, 6:16, 2:8] = 1
+    vol[18:20, 28:30, 0:1] = 1  # stray voxel cluster, not the largest component
+    box = P.liver_box(vol, size=60, margin=2)
+    # canonical (x, y) -> slice grid rows from y (factor 60/30), columns from x (factor 60/20)
+    assert box == (6 * 2 - 2, 16 * 2 + 2, 5 * 3 - 2, 10 * 3 + 2)
+    assert P.liver_box(np.zeros_like(vol), 60, 2) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_dataset, tmp_path_factory):
+    _, paths, split = tiny_dataset
+    out = tmp_path_factory.mktemp("models")
+    for role in ("classifier", "model_a", "model_b"):
+        train(role, paths, split, tiny_config(), out / role, out / "ck" / role)
+    return out
+
+
+def test_cascade_writes_prediction_and_gating_table(tiny_dataset, tiny_models, tmp_path):
+    root, paths, _ = tiny_dataset
+    s = P.predict_case("3", paths["3"], tiny_models, tmp_path / "p.nii.gz", tmp_path / "s.tsv", mode="cascade",
+                       device="cpu")
+    src = nib.load(root / "volume-3.nii.gz")
+    out = nib.load(tmp_path / "p.nii.gz")
+    assert out.shape == src.shape and np.allclose(out.affine, src.affine)
+    assert out.get_data_dtype() == np.uint8 and set(np.unique(np.asanyarray(out.dataobj))) <= {0, 1, 2}
+    rows = (tmp_path / "s.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["slice", "classifier_score", "model", "model_a_liver_voxels", "final_liver_voxels"]
+    assert len(rows) == 1 + s["slices"]
+    assert sum(r.split("\t")[2] == "B" for r in rows[1:]) == s["slices_to_b"]
+
+
+def test_models_from_another_window_are_refused(tiny_dataset, tiny_models, tmp_path):
+    root, _, _ = tiny_dataset
+    h5 = tmp_path / "w.h5"
+    preprocess_case("3", root / "volume-3.nii.gz", h5, label_path=root / "segmentation-3.nii.gz", size=32,
+                    lower=-100, upper=200)
+    with pytest.raises(ModelFileError, match="window mode, lower, upper, size"):
+        P.predict_case("3", h5, tiny_models, tmp_path / "p.nii.gz", mode="model_a", device="cpu")
+    assert not (tmp_path / "p.nii.gz").exists()
