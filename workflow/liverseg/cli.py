@@ -179,7 +179,8 @@ def _cmd_summarize(a):
     seconds = {e: inference_seconds([str(bdir / e / f"{c}.tsv") for c in cases[e] if (bdir / e / f"{c}.tsv").exists()])
                for e in a.experiments}
     skipped = sorted({c for e in a.experiments for c in summaries[e].get("predict_only_skipped", [])})
-    print(summary_table(summaries, seconds, a.experiments, skipped, a.out_md))
+    raw = load_summaries({e: mdir / e / "raw" / "summary.json" for e in a.experiments})
+    print(summary_table(summaries, seconds, a.experiments, skipped, a.out_md, raw=raw))
     dice_plot({e: str(mdir / e / "post" / "per_case.tsv") for e in a.experiments}, a.out_plot)
 
 

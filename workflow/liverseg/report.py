@@ -108,7 +108,7 @@ def inference_seconds(bench_tsvs: list[str]) -> float | None:
 
 
 def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], run: list[str],
-                  skipped: list[str], out_md) -> str:
+                  skipped: list[str], out_md, raw: dict[str, dict] | None = None) -> str:
     """Markdown comparison with the original study's rows; experiments not run say so."""
     lines = [
         "# liverseg: experiment comparison",
@@ -118,12 +118,12 @@ def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], 
         "Dice per case is mean ± sd over cases; Dice global pools all voxels of all cases. ASSD is the liver's, in mm.",
         "",
         "| experiment | liver Dice per case | liver Dice global | tumour Dice per case | liver ASSD (mm) |"
-        " lesion recall | inference s/case | cases |",
-        "|---|---|---|---|---|---|---|---|",
+        " lesion recall | inference s/case | cases | liver Dice per case before CCA |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, name in EXPERIMENTS.items():
         if key not in run or key not in summaries:
-            lines.append(f"| {name} | not run | | | | | | |")
+            lines.append(f"| {name} | not run | | | | | | | |")
             continue
         agg = summaries[key]["aggregate"]
         lv, tu = agg["liver"], agg["tumour"]
@@ -131,11 +131,13 @@ def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], 
             f"| {name} | {_mean_sd(lv['dice'])} | {_fmt(lv['dice_global'])} | {_mean_sd(tu['dice'])} |"
             f" {_fmt(lv['assd']['mean'], 2)} | {_fmt(tu.get('lesion_recall_pooled'), 3)} |"
             f" {_fmt(seconds.get(key), 1)} | {lv['cases']} |"
+            f" {_mean_sd(raw[key]['aggregate']['liver']['dice']) if raw and key in raw else 'n/a'} |"
         )
     lines += [
         "",
-        "Raw (before post-processing) versus post-processed liver Dice per case shows what the CCA step did; see",
-        "`metrics/<experiment>/raw/summary.json` and `.../post/summary.json`.",
+        "The last column (raw prediction, before the largest-component step) shows what post-processing did; every",
+        "metric of both stages is in `evaluate/<experiment>/raw/` and `evaluate/<experiment>/post/`",
+        "(`per_case.tsv`, `summary.json`). Inference seconds per case include process start-up and model loading.",
         "",
         "Published reference points (other data, other splits; not comparable one-to-one): the original study",
         "reports liver Dice 0.9717 (V2) and 0.9720 (V4) on an 80/51 re-split of LiTS; the best published LiTS",

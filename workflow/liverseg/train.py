@@ -160,6 +160,28 @@ def validate(model, spec, role, val_cases, device, amp) -> dict:
     return {"val_liver_dice": ld, "val_tumour_dice": td, "score": (ld + td) / 2}
 
 
+class _LineWriter:
+    """tqdm output for log files: one line per update instead of carriage-return redraws."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def _progress(iterable, desc: str):
+    """A progress bar: live on a terminal; in a rule's log, one line at most every 30 s (tail -f friendly)."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, file=sys.stderr, mininterval=1, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, file=_LineWriter(sys.stderr), mininterval=30, ncols=100, ascii=True)
+
+
 def _plot(history: list[dict], path: Path, role: str) -> None:
     import matplotlib
 
@@ -255,9 +277,7 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
         )
         model.train()
         t0, seen, loss_sum, n_batches = time.time(), 0, 0.0, 0
-        bar = tqdm(loader, desc=f"{role} epoch {epoch + 1}/{m['epochs']}", file=sys.stderr,
-                   mininterval=1 if sys.stderr.isatty() else 30, disable=None if sys.stderr.isatty() else False,
-                   dynamic_ncols=True)
+        bar = _progress(loader, f"{role} epoch {epoch + 1}/{m['epochs']}")
         for x, y, has_liver in bar:
             aug = tc["augment"]
             x, y = augment(x, None if role == "classifier" else y, gen, aug["rotate_deg"], aug["scale"],
@@ -279,7 +299,7 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
             loss_sum += float(loss.detach())
             n_batches += 1
             seen += x.shape[0]
-            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
+            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
         bar.close()
         lr = opt.param_groups[0]["lr"]
         sched.step()

@@ -6,17 +6,14 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-# The package lives in workflow/liverseg; jobs (including --use-conda ones, which run another Python) find it
-# through PYTHONPATH, and the venv that runs Snakemake comes first on PATH for plain runs.
-_PKG_DIR = str(Path(workflow.basedir) / "workflow")
-os.environ["PYTHONPATH"] = os.pathsep.join([_PKG_DIR] + [p for p in [os.environ.get("PYTHONPATH", "")] if p])
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if _PKG_DIR not in sys.path:
-    sys.path.insert(0, _PKG_DIR)
+# The package lives in workflow/liverseg (importable here without installation).
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from liverseg.ingest import discover  # noqa: E402
+from liverseg.runenv import configure  # noqa: E402
 from liverseg.split import make_split  # noqa: E402
+
+configure(workflow.basedir)
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -76,3 +73,37 @@ def all_targets():
         + expand(f"{R}/report/overlays/{{experiment}}/{{case}}.png", experiment=exps, case=SPLIT["test"])
         + expand(f"{R}/predict/{{experiment}}/{{case}}.nii.gz", experiment=exps, case=SPLIT["predict"])
     )
+
+
+# ---------------------------------------------------------------- training
+def train_inputs(wildcards):
+    return {"split": f"{R}/split/split.json", "h5": [h5(c) for c in SPLIT["train"] + SPLIT["val"]]}
+
+
+def train_params_json(role):
+    """Everything training reads from the config; a change to any of it (and only it) retrains."""
+    return json.dumps({k: config[k] for k in ("window", "slices", "train")}, sort_keys=True)
+
+
+def gpu_resources(role):
+    use_gpu = config["train"]["device"] in ("auto", "cuda")
+    return {"gpu": 1 if use_gpu else 0, "cpus_per_gpu": config["train"]["threads"] if use_gpu else 0}
+
+
+# ---------------------------------------------------------------- prediction and evaluation
+PREDICT_MODE = {"v2_unetpp_cca": "model_a", "v4_cascade": "cascade"}
+
+
+wildcard_constraints:
+    experiment="|".join(PREDICT_MODE),
+    stage="raw|post",
+
+
+def models_for(wildcards):
+    roles = ["model_a"] if PREDICT_MODE[wildcards.experiment] == "model_a" else ["classifier", "model_a", "model_b"]
+    return [f"{R}/train/{r}/model.pt" for r in roles]
+
+
+def stage_prediction(wildcards):
+    folder = "predict" if wildcards.stage == "raw" else "postprocess"
+    return f"{R}/{folder}/{wildcards.experiment}/{wildcards.case}.nii.gz"

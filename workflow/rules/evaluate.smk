@@ -1,8 +1,3 @@
-def stage_prediction(wildcards):
-    folder = "predict" if wildcards.stage == "raw" else "postprocess"
-    return f"{R}/{folder}/{wildcards.experiment}/{wildcards.case}.nii.gz"
-
-
 rule evaluate_case:
     input:
         pred=stage_prediction,

@@ -1,16 +1,3 @@
-PREDICT_MODE = {"v2_unetpp_cca": "model_a", "v4_cascade": "cascade"}
-
-
-wildcard_constraints:
-    experiment="|".join(PREDICT_MODE),
-    stage="raw|post",
-
-
-def models_for(wildcards):
-    roles = ["model_a"] if PREDICT_MODE[wildcards.experiment] == "model_a" else ["classifier", "model_a", "model_b"]
-    return [f"{R}/train/{r}/model.pt" for r in roles]
-
-
 rule predict:
     input:
         h5=lambda wc: h5(wc.case),

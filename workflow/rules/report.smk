@@ -34,9 +34,12 @@ rule summarize:
         f"{R}/logs/report/summarize.log",
     params:
         experiments=config["experiments"],
+        # <metrics>/<experiment>/<stage>/summary.json and <benchmarks>/<experiment>/<case>.tsv
+        metrics=lambda wc, input: str(Path(input.summaries[0]).parents[2]),
+        benchmarks=lambda wc, input: str(Path(input.benchmarks[0]).parents[1]),
     localrule: True
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "python -m liverseg summarize --experiments {params.experiments} --metrics-dir {R}/evaluate"
-        " --benchmarks-dir {R}/benchmarks/predict --out-md {output.md:q} --out-plot {output.plot:q} > {log:q} 2>&1"
+        "python -m liverseg summarize --experiments {params.experiments} --metrics-dir {params.metrics:q}"
+        " --benchmarks-dir {params.benchmarks:q} --out-md {output.md:q} --out-plot {output.plot:q} > {log:q} 2>&1"

@@ -1,20 +1,3 @@
-import json
-
-
-def train_inputs(wildcards):
-    return {"split": f"{R}/split/split.json", "h5": [h5(c) for c in SPLIT["train"] + SPLIT["val"]]}
-
-
-def train_params_json(role):
-    """Everything training reads from the config; a change to any of it (and only it) retrains."""
-    return json.dumps({k: config[k] for k in ("window", "slices", "train")}, sort_keys=True)
-
-
-def gpu_resources(role):
-    use_gpu = config["train"]["device"] in ("auto", "cuda")
-    return {"gpu": 1 if use_gpu else 0, "cpus_per_gpu": config["train"]["threads"] if use_gpu else 0}
-
-
 rule train_classifier:
     input:
         unpack(train_inputs),
@@ -30,6 +13,8 @@ rule train_classifier:
     params:
         cfg=train_params_json("classifier"),
         ckpt=f"{R}/checkpoints/classifier",
+        h5dir=f"{R}/preprocess",
+        outdir=lambda wc, output: os.path.dirname(output.model),
     threads: config["train"]["threads"]
     resources:
         mem_mb=8000,
@@ -38,9 +23,9 @@ rule train_classifier:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m liverseg train --role classifier --split {input.split:q} --h5-dir {R}/preprocess"
+        "python -m liverseg train --role classifier --split {input.split:q} --h5-dir {params.h5dir:q}"
         " --config-json {params.cfg:q} --checkpoint-dir {params.ckpt:q} --threads {threads}"
-        " {R}/train/classifier > {log:q} 2>&1"
+        " {params.outdir:q} > {log:q} 2>&1"
 
 
 rule train_specialist:
@@ -60,6 +45,8 @@ rule train_specialist:
     params:
         cfg=train_params_json("specialist"),
         ckpt=lambda wc: f"{R}/checkpoints/model_{wc.specialist}",
+        h5dir=f"{R}/preprocess",
+        outdir=lambda wc, output: os.path.dirname(output.model),
     threads: config["train"]["threads"]
     resources:
         mem_mb=12000,
@@ -68,6 +55,6 @@ rule train_specialist:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m liverseg train --role model_{wildcards.specialist} --split {input.split:q} --h5-dir {R}/preprocess"
+        "python -m liverseg train --role model_{wildcards.specialist} --split {input.split:q} --h5-dir {params.h5dir:q}"
         " --config-json {params.cfg:q} --checkpoint-dir {params.ckpt:q} --threads {threads}"
-        " {R}/train/model_{wildcards.specialist} > {log:q} 2>&1"
+        " {params.outdir:q} > {log:q} 2>&1"

@@ -1,0 +1,27 @@
+"""Environment for the jobs a Snakemake run starts (called once by the Snakefile)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def configure(basedir: str | os.PathLike) -> None:
+    """Make ``python -m liverseg`` work in every job.
+
+    - PYTHONPATH gets ``workflow/``: under ``--use-conda`` a job runs another Python that has not installed the
+      package, and must still import it from the checkout.
+    - PATH starts with the directory of the Python running Snakemake, so a plain run started as
+      ``.venv/bin/snakemake`` (venv not activated) runs its jobs in that venv; conda jobs put their env first.
+    - HF_HUB_OFFLINE: model weights are never fetched at run time.
+    """
+    pkg = str(Path(basedir) / "workflow")
+    old = os.environ.get("PYTHONPATH", "")
+    if pkg not in old.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join([pkg] + ([old] if old else []))
+    exe_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[:1] != [exe_dir]:
+        os.environ["PATH"] = os.pathsep.join([exe_dir, path])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
