@@ -84,3 +84,31 @@ def test_models_from_another_window_are_refused(tiny_dataset, tiny_models, tmp_p
     with pytest.raises(ModelFileError, match="window mode, lower, upper, size"):
         P.predict_case("3", h5, tiny_models, tmp_path / "p.nii.gz", mode="model_a", device="cpu")
     assert not (tmp_path / "p.nii.gz").exists()
+
+
+def test_predict_new_scans_dicom_and_folder(tiny_dataset, tiny_models, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, realdata
+
+    dicom = realdata("totalseg_tests", "original", "example_ct_dicom")
+    r = subprocess.run([sys.executable, "-m", "liverseg", "predict", "--models", str(tiny_models), "--device", "cpu",
+                        str(dicom), str(tmp_path / "dicom_pred.nii.gz")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = nib.load(tmp_path / "dicom_pred.nii.gz")
+    from liverseg.io import load_nifti
+
+    src = load_nifti(dicom, "902")
+    assert out.shape == src.shape == (512, 512, 20) and np.allclose(out.affine, src.affine)
+
+    root, _, _ = tiny_dataset
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "good.nii.gz").write_bytes((root / "volume-3.nii.gz").read_bytes())
+    (scans / "broken.nii.gz").write_bytes(b"not a nifti")
+    r = subprocess.run([sys.executable, "-m", "liverseg", "predict", "--models", str(tiny_models), "--device", "cpu",
+                        str(scans), str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1
+    assert "case broken: cannot read image" in r.stderr
+    assert (tmp_path / "out" / "good.nii.gz").exists() and not (tmp_path / "out" / "broken.nii.gz").exists()

@@ -12,11 +12,12 @@ import yaml
 from conftest import ROOT, TINY_TRAIN
 
 TINY = {
-    "dataset": {"source": "phantom", "phantom": {"n_cases": 6, "size": 48, "slices": 16, "seed": 1}},
-    "slices": {"size": 32, "context": 1},
-    "split": {"seed": 0, "test_fraction": 0.34, "val_fraction": 0.25},
+    "dataset": {"source": "phantom", "phantom": {"n_cases": 8, "size": 64, "slices": 24, "seed": 1}},
+    "slices": {"size": 48, "context": 1},
+    "split": {"seed": 0, "test_fraction": 0.25, "val_fraction": 0.2},
     "train": {**TINY_TRAIN,
-              "model_a": {**TINY_TRAIN["model_a"], "epochs": 4, "samples_per_epoch": 96, "batch_size": 8, "lr": 0.005},
+              "model_a": {**TINY_TRAIN["model_a"], "encoder_depth": 4, "decoder_channels": [32, 16, 8, 8],
+                          "epochs": 12, "samples_per_epoch": 256, "batch_size": 16, "lr": 0.005},
               "model_b": {**TINY_TRAIN["model_b"], "epochs": 2, "samples_per_epoch": 32},
               "classifier": {**TINY_TRAIN["classifier"], "epochs": 2, "samples_per_epoch": 32}},
     "experiments": ["v2_unetpp_cca", "v4_cascade"],
@@ -81,7 +82,8 @@ def test_liver_is_found_after_a_short_training(demo_run):
 
 def test_rerun_is_a_no_op_and_a_postprocess_change_reruns_only_downstream(demo_run):
     assert _dry_jobs(demo_run) == {}
-    jobs = _dry_jobs(demo_run, "--config", "postprocess={'connectivity': 6}")
+    (demo_run / "conn6.yaml").write_text(yaml.safe_dump({"postprocess": {"connectivity": 6}}))
+    jobs = _dry_jobs(demo_run, "--configfile", str(demo_run / "config.yaml"), str(demo_run / "conn6.yaml"))
     assert set(jobs) == {"postprocess", "evaluate_case", "aggregate_metrics", "overlay", "summarize", "all"}
 
 

@@ -143,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("tsvs", nargs="*")
     s.set_defaults(func=_cmd_aggregate)
 
+    s = sub.add_parser("predict", help="segment new scans (NIfTI file, DICOM series folder, or a folder of them)")
+    s.add_argument("--models", required=True, help="folder with classifier/, model_a/, model_b/ (e.g. results/train)")
+    s.add_argument("--mode", choices=["cascade", "model_a"], default="cascade")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--tta", action="store_true")
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--no-postprocess", action="store_true", help="skip the largest-component step")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    s.add_argument("input", help="NIfTI file, DICOM series folder, or folder of NIfTI files / DICOM folders")
+    s.add_argument("output", help="output .nii.gz (one scan) or folder (several)")
+    s.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("kaggle", help="Kaggle aio2025liverseg submission.csv (id,rle) from label NIfTI files")
+    s.add_argument("--out", required=True)
+    s.add_argument("predictions", nargs="+", help="CASE=PATH pairs")
+    s.set_defaults(func=_cmd_kaggle)
+
     s = sub.add_parser("overlay", help="PNG: CT | reference | prediction contours at three slices")
     s.add_argument("--case", required=True)
     s.add_argument("--image", required=True)
@@ -160,6 +177,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-plot", required=True)
     s.set_defaults(func=_cmd_summarize)
     return p
+
+
+def _cmd_predict(a):
+    from pathlib import Path
+
+    from liverseg.dicom import is_dicom_folder
+    from liverseg.predict import predict_many, predict_scan
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    kw = {"mode": a.mode, "device": a.device, "tta": a.tta, "batch": a.batch, "postprocess": not a.no_postprocess}
+    src = Path(a.input)
+    if src.is_dir() and not is_dicom_folder(src):
+        for s in predict_many(src, a.output, a.models, **kw):
+            print(json.dumps(s))
+    else:
+        print(json.dumps(predict_scan(src, a.output, a.models, **kw)))
+
+
+def _cmd_kaggle(a):
+    from liverseg.kaggle import write_submission
+
+    pairs = dict(p.split("=", 1) for p in a.predictions)
+    n = write_submission(pairs, a.out)
+    log.info("%d rows written to %s", n, a.out)
 
 
 def _cmd_overlay(a):

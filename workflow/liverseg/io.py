@@ -73,6 +73,12 @@ def load_nifti(path: str | os.PathLike, case: str, what: str = "image") -> nib.N
     p = Path(path)
     if not p.exists():
         raise CaseError(case, f"{what} file does not exist: {p}")
+    if p.is_dir():
+        from liverseg.dicom import is_dicom_folder, read_series
+
+        if not is_dicom_folder(p):
+            raise CaseError(case, f"{what} path is a folder without DICOM files: {p}")
+        return read_series(p, case)
     if not p.is_file():
         raise CaseError(case, f"{what} path is not a regular file: {p}")
     try:

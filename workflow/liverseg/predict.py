@@ -117,3 +117,68 @@ def predict_case(case: str, h5_path, model_dir, out_path, scores_path=None, mode
     log.info("case %s: %s", case, summary)
     return summary
 
+
+
+# ---------------------------------------------------------------------------------------------- new scans
+def _scan_id(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: str = "auto", tta: bool = False,
+                 batch: int = 16, postprocess: bool = True, connectivity: int = 26) -> dict:
+    """Segment one scan (NIfTI file or DICOM series folder) with trained models; write a label NIfTI.
+
+    The scan is preprocessed with the window and slice size the models were trained with (read from
+    model_a/model.json), segmented, and post-processed (largest 3D liver component) unless told otherwise.
+    """
+    import json
+    import tempfile
+
+    from liverseg.postprocess import postprocess_case
+    from liverseg.preprocess import preprocess_case
+
+    in_path, model_dir = Path(in_path), Path(model_dir)
+    case = _scan_id(in_path)
+    spec_path = model_dir / "model_a" / "model.json"
+    if not spec_path.is_file():
+        raise ModelFileError(f"model file missing: {spec_path}")
+    spec = json.loads(spec_path.read_text())
+    w = spec["window"]
+    with tempfile.TemporaryDirectory(prefix="liverseg-") as tmp:
+        h5 = Path(tmp) / "case.h5"
+        preprocess_case(case, in_path, h5, lower=w["lower"], upper=w["upper"], mode=w["mode"],
+                        size=int(spec["slice_size"]))
+        raw = Path(tmp) / "raw.nii.gz"
+        s = predict_case(case, h5, model_dir, raw if postprocess else out_path, mode=mode, device=device, tta=tta,
+                         batch=batch)
+        if postprocess:
+            postprocess_case(case, raw, out_path, connectivity=connectivity)
+    return s
+
+
+def predict_many(in_dir, out_dir, model_dir, **kw) -> list[dict]:
+    """Every NIfTI file (and every DICOM series sub-folder) in ``in_dir`` -> ``out_dir/<name>.nii.gz``.
+
+    A scan that fails is reported and skipped; the others go on.  Raises CaseError at the end if any failed.
+    """
+    from liverseg.dicom import is_dicom_folder
+
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    scans = sorted(p for p in in_dir.iterdir() if not p.name.startswith(".") and (
+        p.name.endswith((".nii", ".nii.gz")) or is_dicom_folder(p)))
+    if not scans:
+        raise CaseError(in_dir.name, f"no NIfTI files or DICOM series folders in {in_dir}")
+    out, failed = [], []
+    for p in scans:
+        try:
+            out.append(predict_scan(p, out_dir / f"{_scan_id(p)}.nii.gz", model_dir, **kw))
+        except CaseError as exc:
+            log.error("%s", exc)
+            failed.append(exc.case)
+    if failed:
+        raise CaseError(",".join(failed), f"{len(failed)} of {len(scans)} scans failed (see messages above)")
+    return out

@@ -71,7 +71,7 @@ def all_targets():
         data_targets()
         + [f"{R}/report/summary.md", f"{R}/report/dice_per_case.png"]
         + expand(f"{R}/report/overlays/{{experiment}}/{{case}}.png", experiment=exps, case=SPLIT["test"])
-        + expand(f"{R}/predict/{{experiment}}/{{case}}.nii.gz", experiment=exps, case=SPLIT["predict"])
+        + expand(f"{R}/postprocess/{{experiment}}/{{case}}.nii.gz", experiment=exps, case=SPLIT["predict"])
     )
 
 
@@ -107,3 +107,11 @@ def models_for(wildcards):
 def stage_prediction(wildcards):
     folder = "predict" if wildcards.stage == "raw" else "postprocess"
     return f"{R}/{folder}/{wildcards.experiment}/{wildcards.case}.nii.gz"
+
+
+def kaggle_cases():
+    return SPLIT["predict"] if config["kaggle"]["cases"] == "predict" else SPLIT["test"]
+
+
+def kaggle_experiment():
+    return config["kaggle"]["experiment"] or config["experiments"][-1]
