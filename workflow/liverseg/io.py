@@ -100,6 +100,8 @@ def load_nifti(path: str | os.PathLike, case: str, what: str = "image") -> nib.N
 
 def read_raw(img: nib.Nifti1Image, case: str, path, what: str = "image") -> tuple[np.ndarray, float, float]:
     """Voxel data in the stored dtype plus the NIfTI scaling, so no float64 copy of the volume is made."""
+    if isinstance(img.dataobj, np.ndarray):  # an in-memory image (e.g. read from DICOM): already scaled
+        return img.dataobj, 1.0, 0.0
     try:
         raw = np.asanyarray(img.dataobj.get_unscaled())
     except _READ_ERRORS as exc:
