@@ -36,7 +36,7 @@ def test_youden_threshold_separates_classes():
     assert 0.3 < thr <= 0.7 and bacc == 1.0
 
 
-@pytest.mark.parametrize("role", ["classifier", "model_a", "model_b"])
+@pytest.mark.parametrize("role", ["classifier", "model_a", "model_b", "v3_convlstm", "v1_3dcnn"])
 def test_training_outputs_and_reload(tiny_dataset, tmp_path, role):
     _, paths, split = tiny_dataset
     cfg = tiny_config()
@@ -45,7 +45,7 @@ def test_training_outputs_and_reload(tiny_dataset, tmp_path, role):
     for f in ("model.pt", "model.json", "log.csv", "curves.png"):
         assert (out / f).stat().st_size > 0
     saved = json.loads((out / "model.json").read_text())
-    assert saved["config_hash"] == spec["config_hash"] and saved["in_channels"] == 3
+    assert saved["config_hash"] == spec["config_hash"] and saved["in_channels"] == (1 if role == "v1_3dcnn" else 3)
     assert saved["window"]["lower"] == -150 and saved["input_size"] == (32 if role != "classifier" else 32)
     if role == "classifier":
         assert 0 <= saved["threshold"] <= 1

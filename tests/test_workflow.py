@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ TINY = {
                           "epochs": 12, "samples_per_epoch": 256, "batch_size": 16, "lr": 0.005},
               "model_b": {**TINY_TRAIN["model_b"], "epochs": 2, "samples_per_epoch": 32},
               "classifier": {**TINY_TRAIN["classifier"], "epochs": 2, "samples_per_epoch": 32}},
-    "experiments": ["v2_unetpp_cca", "v4_cascade"],
+    "experiments": ["v1_3dcnn", "v2_unetpp_cca", "v3_convlstm", "v4_cascade"],
 }
 
 
@@ -67,8 +68,10 @@ def test_dag_produces_metrics_reports_and_models(demo_run):
             assert (res / "report" / "overlays" / exp / f"{case}.png").stat().st_size > 10_000
             assert (res / "predict" / exp / f"{case}_slices.tsv").exists()
     md = (res / "report" / "summary.md").read_text()
-    assert "V4 cascade" in md and "V1 3D CNN + CCA | not run" in md
-    for role in ("classifier", "model_a", "model_b"):
+    assert "not run" not in md
+    for name in ("V4 cascade", "V2 2D UNet++ + CCA", "V3 2.5D ConvLSTM + CCA", "V1 3D CNN + CCA"):
+        assert re.search(rf"^\| {re.escape(name)}[^|]* \| [01]\.\d{{4}} ± ", md, re.M), name
+    for role in ("classifier", "model_a", "model_b", "v3_convlstm", "v1_3dcnn"):
         assert (res / "train" / role / "model.pt").exists()
     # nothing unfinished is left behind
     assert not list(res.rglob("*.tmp*"))
@@ -85,6 +88,7 @@ def test_rerun_is_a_no_op_and_a_postprocess_change_reruns_only_downstream(demo_r
     (demo_run / "conn6.yaml").write_text(yaml.safe_dump({"postprocess": {"connectivity": 6}}))
     jobs = _dry_jobs(demo_run, "--configfile", str(demo_run / "config.yaml"), str(demo_run / "conn6.yaml"))
     assert set(jobs) == {"postprocess", "evaluate_case", "aggregate_metrics", "overlay", "summarize", "all"}
+    assert jobs["postprocess"] == len(TINY["experiments"]) * 2  # every experiment's test cases, nothing else
 
 
 def test_deleting_one_h5_redoes_only_that_case(demo_run):

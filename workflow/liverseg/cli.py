@@ -37,7 +37,7 @@ def _cmd_preprocess(a):
 
     s = preprocess_case(
         a.case, a.image, a.out, label_path=a.label, lower=a.lower, upper=a.upper, mode=a.mode, size=a.size,
-        affine_tolerance=a.affine_tolerance,
+        affine_tolerance=a.affine_tolerance, compression=a.compression,
     )
     print(json.dumps(s))
 
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["fixed", "study_v2"], default="fixed")
     s.add_argument("--size", type=int, default=128)
     s.add_argument("--affine-tolerance", type=float, default=1e-3)
+    s.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none")
     s.add_argument("out")
     s.set_defaults(func=_cmd_preprocess)
 
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_split)
 
     s = sub.add_parser("train", help="train the slice classifier, model A or model B")
-    s.add_argument("--role", required=True, choices=["classifier", "model_a", "model_b"])
+    s.add_argument("--role", required=True, choices=["classifier", "model_a", "model_b", "v3_convlstm", "v1_3dcnn"])
     s.add_argument("--split", required=True, help="split.json written by `liverseg split`")
     s.add_argument("--h5-dir", required=True, help="folder with <case>.h5 files")
     s.add_argument("--config", help="config YAML (defaults from the schema)")
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--case", required=True)
     s.add_argument("--h5", required=True)
     s.add_argument("--models", required=True, help="folder with classifier/, model_a/, model_b/")
-    s.add_argument("--mode", choices=["cascade", "model_a"], default="cascade")
+    s.add_argument("--mode", choices=["cascade", "model_a", "v3_convlstm", "v1_3dcnn"], default="cascade")
     s.add_argument("--scores", help="TSV of per-slice classifier scores and gating")
     s.add_argument("--device", default="auto")
     s.add_argument("--tta", action="store_true", help="average with a left-right flipped pass")

@@ -129,12 +129,19 @@ def epoch_indices(groups: list[list[int]], fractions: list[float], n: int, seed:
 
 
 def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator, rotate_deg: float, scale: float,
-            intensity: float, flip_prob: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random rotation/scaling (one affine warp), optional left-right flip and intensity jitter, on a batch."""
+            intensity: float, flip_prob: float, group: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random rotation/scaling (one affine warp), optional left-right flip and intensity jitter, on a batch.
+
+    ``group`` consecutive samples share one draw (the slices of one V3 sequence move together)."""
     b = x.shape[0]
-    theta = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(rotate_deg)
-    s = 1 + (torch.rand(b, generator=gen) * 2 - 1) * scale
-    flip = torch.where(torch.rand(b, generator=gen) < flip_prob, -1.0, 1.0)
+    n = b // group
+
+    def draw(*shape):
+        return torch.rand(n, *shape, generator=gen).repeat_interleave(group, dim=0)
+
+    theta = (draw() * 2 - 1) * math.radians(rotate_deg)
+    s = 1 + (draw() * 2 - 1) * scale
+    flip = torch.where(draw() < flip_prob, -1.0, 1.0)
     cos, sin = torch.cos(theta) / s, torch.sin(theta) / s
     mat = torch.zeros(b, 2, 3)
     mat[:, 0, 0], mat[:, 0, 1] = cos * flip, -sin
@@ -144,6 +151,61 @@ def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator, rotat
     if y is not None:
         y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
         y = y[:, 0].long()
-    gain = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * intensity
-    bias = (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * intensity * 0.5
+    gain = 1 + (draw(1, 1, 1) * 2 - 1) * intensity
+    bias = (draw(1, 1, 1) * 2 - 1) * intensity * 0.5
     return x * gain + bias, y
+
+
+class SequenceDataset(SliceDataset):
+    """V3: sample i is (case k, first slice z0) -> image (T, 2c+1, S, S), label (T, S, S), liver flag of the window."""
+
+    def __init__(self, cases, items, context, input_size, seq_len: int):
+        super().__init__(cases, items, context, input_size)
+        self.seq_len = seq_len
+
+    def __getitem__(self, i):
+        k, z0 = self.items[i]
+        c = self.cases[k]
+        f = self._file(k)
+        zs = [min(z, c.n_slices - 1) for z in range(z0, z0 + self.seq_len)]
+        lo, hi = max(0, z0 - self.context), min(c.n_slices, zs[-1] + self.context + 1)
+        block = f["image"][lo:hi].astype(np.float32)
+        img = np.stack([block[[j - lo for j in context_indices(z, c.n_slices, self.context)]] for z in zs])
+        lab = f["label"][zs[0] : zs[-1] + 1][[z - zs[0] for z in zs]].astype(np.int64)
+        x, y = torch.from_numpy(img), torch.from_numpy(lab)
+        if c.size != self.input_size:
+            t, ch = x.shape[:2]
+            x = F.interpolate(x.flatten(0, 1)[:, None], size=(self.input_size,) * 2, mode="bilinear",
+                              align_corners=False).view(t, ch, self.input_size, self.input_size)
+            y = F.interpolate(y[:, None].float(), size=(self.input_size,) * 2, mode="nearest-exact")[:, 0].long()
+        return x, y, torch.tensor(float(c.liver[zs].any()))
+
+
+class PatchDataset(SliceDataset):
+    """V1: sample i is (case k, z0, r0, c0) -> image patch (1, D, P, P), label (D, P, P), liver flag."""
+
+    def __init__(self, cases, items, patch: tuple[int, int]):
+        super().__init__(cases, items, 0, patch[1])
+        self.patch = patch
+
+    def __getitem__(self, i):
+        k, z0, r0, c0 = self.items[i]
+        d, p = self.patch
+        f = self._file(k)
+        img = np.zeros((d, p, p), np.float32)
+        lab = np.zeros((d, p, p), np.int64)
+        src = f["image"][z0 : z0 + d, r0 : r0 + p, c0 : c0 + p]
+        img[: src.shape[0], : src.shape[1], : src.shape[2]] = src
+        src_l = f["label"][z0 : z0 + d, r0 : r0 + p, c0 : c0 + p]
+        lab[: src_l.shape[0], : src_l.shape[1], : src_l.shape[2]] = src_l
+        return torch.from_numpy(img)[None], torch.from_numpy(lab), torch.tensor(float((lab >= 1).any()))
+
+
+def patch_grid(n: int, patch: int) -> list[int]:
+    """Patch origins along one axis: stride patch/2, last patch flush with the end (or 0 if the axis is short)."""
+    if n <= patch:
+        return [0]
+    starts = list(range(0, n - patch + 1, max(1, patch // 2)))
+    if starts[-1] != n - patch:
+        starts.append(n - patch)
+    return starts

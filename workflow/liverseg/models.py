@@ -32,6 +32,97 @@ class SliceClassifier(nn.Module):
         return self.head(feats.mean(dim=(2, 3)))[:, 0]
 
 
+class ConvLSTMCell(nn.Module):
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.gates = nn.Conv2d(channels + hidden, 4 * hidden, kernel_size=3, padding=1)
+
+    def forward(self, x, state):
+        h, c = state
+        i, f, o, g = self.gates(torch.cat([x, h], dim=1)).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c
+
+
+class BiConvLSTM(nn.Module):
+    """Bidirectional ConvLSTM over a sequence (B, T, C, H, W); returns (B, T, C, H, W)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.fwd, self.bwd = ConvLSTMCell(channels, hidden), ConvLSTMCell(channels, hidden)
+        self.proj = nn.Conv2d(2 * hidden, channels, kernel_size=1)
+
+    def _run(self, cell, seq):
+        b, _, _, h, w = seq.shape
+        state = (seq.new_zeros(b, cell.hidden, h, w), seq.new_zeros(b, cell.hidden, h, w))
+        out = []
+        for t in range(seq.shape[1]):
+            state = cell(seq[:, t], state)
+            out.append(state[0])
+        return torch.stack(out, dim=1)
+
+    def forward(self, seq):
+        f = self._run(self.fwd, seq)
+        b = self._run(self.bwd, seq.flip(1)).flip(1)
+        both = torch.cat([f, b], dim=2)
+        bt = both.flatten(0, 1)
+        return self.proj(bt).view(seq.shape)
+
+
+class UnetPlusPlusConvLSTM(nn.Module):
+    """V3 (2.5D): an smp UNet++ whose encoder runs per slice, with a bidirectional ConvLSTM over the sequence of
+    slices at the bottleneck (residual), then the UNet++ decoder per slice.  Input (B, T, C, H, W)."""
+
+    def __init__(self, encoder, depth, decoder_channels, in_channels, classes, weights=None):
+        super().__init__()
+        self.net = smp.UnetPlusPlus(encoder_name=encoder, encoder_weights=weights, encoder_depth=depth,
+                                    decoder_channels=tuple(decoder_channels), in_channels=in_channels, classes=classes)
+        deep = self.net.encoder.out_channels[-1]
+        self.lstm = BiConvLSTM(deep, max(8, deep // 4))
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        feats = self.net.encoder(x.flatten(0, 1))
+        deep = feats[-1]
+        deep = deep.view(b, t, *deep.shape[1:])
+        feats = list(feats[:-1]) + [(deep + self.lstm(deep)).flatten(0, 1)]
+        out = self.net.segmentation_head(self.net.decoder(feats))
+        return out.view(b, t, *out.shape[1:])
+
+
+def _block3d(cin, cout):
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, True),
+        nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, True),
+    )
+
+
+class UNet3D(nn.Module):
+    """V1: a compact 3D U-Net (plain PyTorch; smp has no 3D models). Input (B, C, D, H, W), D/H/W divisible by
+    2 ** (levels - 1)."""
+
+    def __init__(self, in_channels: int, classes: int, channels=(16, 32, 64, 128)):
+        super().__init__()
+        ch = list(channels)
+        self.down = nn.ModuleList([_block3d(in_channels, ch[0])] + [_block3d(ch[i - 1], ch[i]) for i in range(1, len(ch))])
+        self.pool = nn.MaxPool3d(2)
+        self.up = nn.ModuleList([nn.ConvTranspose3d(ch[i], ch[i - 1], 2, stride=2) for i in range(len(ch) - 1, 0, -1)])
+        self.dec = nn.ModuleList([_block3d(2 * ch[i - 1], ch[i - 1]) for i in range(len(ch) - 1, 0, -1)])
+        self.head = nn.Conv3d(ch[0], classes, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        x = skips.pop()
+        for up, dec in zip(self.up, self.dec):
+            x = dec(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
 def build(spec: dict) -> nn.Module:
     weights = spec.get("encoder_weights") or None
     if spec["kind"] == "classifier":
@@ -45,6 +136,11 @@ def build(spec: dict) -> nn.Module:
             in_channels=spec["in_channels"],
             classes=spec["classes"],
         )
+    if spec["kind"] == "convlstm":
+        return UnetPlusPlusConvLSTM(spec["encoder"], spec.get("encoder_depth", 5), spec["decoder_channels"],
+                                    spec["in_channels"], spec["classes"], weights)
+    if spec["kind"] == "unet3d":
+        return UNet3D(spec["in_channels"], spec["classes"], tuple(spec["channels_3d"]))
     raise ModelFileError(f"unknown model kind {spec['kind']!r}")
 
 

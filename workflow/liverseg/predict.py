@@ -17,13 +17,13 @@ import h5py
 import numpy as np
 
 from liverseg.errors import CaseError
-from liverseg.inference import classify, segment
+from liverseg.inference import classify, resize_probs_to_slices, segment, segment_sequences, sliding_window_3d
 from liverseg.io import Geometry, atomic_path, save_nifti_like
 from liverseg.models import ModelFileError, load, resolve_device
 from liverseg.postprocess import largest_component
 
 log = logging.getLogger(__name__)
-MODES = ("cascade", "model_a")
+MODES = ("cascade", "model_a", "v3_convlstm", "v1_3dcnn")
 
 
 def read_case(h5_path, case: str):
@@ -71,15 +71,25 @@ def predict_case(case: str, h5_path, model_dir, out_path, scores_path=None, mode
     dev = resolve_device(device)
     image, geom, attrs, _ = read_case(h5_path, case)
     model_dir = Path(model_dir)
-    model_a, spec_a = load(model_dir / "model_a" / "model.pt", device=dev)
-    check_compatible(spec_a, attrs, model_dir / "model_a" / "model.pt")
+    first = mode if mode in ("v3_convlstm", "v1_3dcnn") else "model_a"
+    model_a, spec_a = load(model_dir / first / "model.pt", device=dev)
+    check_compatible(spec_a, attrs, model_dir / first / "model.pt")
     nx, ny, nz = (int(v) for v in attrs["canonical_shape"])
     size = int(attrs["size"])
 
     vol = np.zeros((nx, ny, nz), np.uint8)
-    for zs, lab in segment(model_a, spec_a, image, list(range(nz)), dev, out_shape=(ny, nx), batch=batch,
-                           amp=amp, tta=tta):
-        vol[:, :, zs] = np.transpose(lab, (2, 1, 0))
+    if mode == "v1_3dcnn":
+        probs = sliding_window_3d(model_a, spec_a, image, dev, amp=amp)
+        for z0 in range(0, nz, batch):
+            zs = list(range(z0, min(nz, z0 + batch)))
+            vol[:, :, zs] = np.transpose(resize_probs_to_slices(probs, zs, (ny, nx)), (2, 1, 0))
+        del probs
+    else:
+        batches = (segment_sequences(model_a, spec_a, image, dev, out_shape=(ny, nx), amp=amp) if mode == "v3_convlstm"
+                   else segment(model_a, spec_a, image, list(range(nz)), dev, out_shape=(ny, nx), batch=batch,
+                                amp=amp, tta=tta))
+        for zs, lab in batches:
+            vol[:, :, zs] = np.transpose(lab, (2, 1, 0))
     a_liver = (vol >= 1).sum(axis=(0, 1))
     scores = np.full(nz, np.nan, np.float32)
     gated = np.zeros(nz, bool)

@@ -30,14 +30,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from liverseg import __version__
-from liverseg.data import SliceDataset, augment, crop_box, epoch_indices, index_cases
-from liverseg.inference import classify, segment
+from liverseg.data import (PatchDataset, SequenceDataset, SliceDataset, augment, crop_box, epoch_indices,
+                           index_cases, patch_grid)
+from liverseg.inference import classify, resize_probs_to_slices, segment, segment_sequences, sliding_window_3d
 from liverseg.io import atomic_path
 from liverseg.metrics import liver_tumour_dice
 from liverseg import models as M
 
 log = logging.getLogger(__name__)
-ROLES = ("classifier", "model_a", "model_b")
+ROLES = ("classifier", "model_a", "model_b", "v3_convlstm", "v1_3dcnn")
+KINDS = {"classifier": "classifier", "model_a": "segmenter", "model_b": "segmenter", "v3_convlstm": "convlstm",
+         "v1_3dcnn": "unet3d"}
 
 
 def config_hash(cfg: dict, role: str, split: dict) -> str:
@@ -51,13 +54,15 @@ def config_hash(cfg: dict, role: str, split: dict) -> str:
 
 def make_spec(cfg: dict, role: str) -> dict:
     m = cfg["train"][role]
-    context = cfg["slices"]["context"]
+    kind = KINDS[role]
+    context = 0 if kind == "unet3d" else cfg["slices"]["context"]
     spec = {
         "role": role,
-        "kind": "classifier" if role == "classifier" else "segmenter",
-        "arch": "SliceClassifier" if role == "classifier" else "UnetPlusPlus",
-        "encoder": m["encoder"],
-        "encoder_depth": m["encoder_depth"],
+        "kind": kind,
+        "arch": {"classifier": "SliceClassifier", "segmenter": "UnetPlusPlus", "convlstm": "UnetPlusPlusConvLSTM",
+                 "unet3d": "UNet3D"}[kind],
+        "encoder": m.get("encoder"),
+        "encoder_depth": m.get("encoder_depth"),
         "encoder_weights": cfg["train"]["encoder_weights"],
         "in_channels": 2 * context + 1,
         "context": context,
@@ -69,17 +74,24 @@ def make_spec(cfg: dict, role: str) -> dict:
         "crop_margin": cfg["train"]["model_b"]["crop_margin"] if role == "model_b" else None,
         "pipeline_version": __version__,
     }
-    if role != "classifier":
+    if kind in ("segmenter", "convlstm"):
         spec["decoder_channels"] = list(m["decoder_channels"])[: m["encoder_depth"]]
+    if kind == "convlstm":
+        spec["seq_len"] = m["seq_len"]
+    if kind == "unet3d":
+        spec["channels_3d"] = list(m["channels_3d"])
+        spec["patch"] = [m["patch_depth"], min(m["patch_size"], cfg["slices"]["size"])]
+        spec["input_size"] = spec["patch"][1]
     return spec
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - mean soft Dice over the foreground classes, pooled over the batch."""
+    """1 - mean soft Dice over the foreground classes, pooled over the batch (2D or 3D logits (B, K, ...))."""
     probs = torch.softmax(logits.float(), dim=1)[:, 1:]
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
-    inter = (probs * onehot).sum(dim=(0, 2, 3))
-    denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    onehot = torch.movedim(F.one_hot(target, logits.shape[1]), -1, 1).float()[:, 1:]
+    dims = (0,) + tuple(range(2, logits.dim()))
+    inter = (probs * onehot).sum(dim=dims)
+    denom = probs.sum(dim=dims) + onehot.sum(dim=dims)
     return 1 - ((2 * inter + eps) / (denom + eps)).mean()
 
 
@@ -98,8 +110,30 @@ def youden_threshold(scores: np.ndarray, truth: np.ndarray) -> tuple[float, floa
     return best_t, (best_j + 1) / 2
 
 
-def _items_and_groups(cases, role: str):
+def _items_and_groups(cases, role: str, spec: dict):
     items, liver, other, tumour = [], [], [], []
+    if role == "v3_convlstm":
+        t = spec["seq_len"]
+        for k, c in enumerate(cases):
+            for z0 in range(max(c.n_slices - t, 0) + 1):
+                i = len(items)
+                items.append((k, z0))
+                (liver if c.liver[z0 : z0 + t].any() else other).append(i)
+                if c.tumour[z0 : z0 + t].any():
+                    tumour.append(i)
+        return items, liver, other, tumour
+    if role == "v1_3dcnn":
+        d, p = spec["patch"]
+        for k, c in enumerate(cases):
+            _, _, br0, br1, bc0, bc1 = (int(v) for v in c.bbox3d)
+            for z0 in patch_grid(c.n_slices, d):
+                for r0 in patch_grid(c.size, p):
+                    for c0 in patch_grid(c.size, p):
+                        i = len(items)
+                        items.append((k, z0, r0, c0))
+                        hit = c.liver[z0 : z0 + d].any() and r0 < br1 and br0 < r0 + p and c0 < bc1 and bc0 < c0 + p
+                        (liver if hit else other).append(i)
+        return items, liver, other, tumour
     for k, c in enumerate(cases):
         for z in range(c.n_slices):
             if role == "model_b" and not c.liver[z]:
@@ -116,7 +150,7 @@ def _sampling(role: str, m: dict, liver, other, tumour, n_items: int):
     everything = list(range(n_items))
     if role == "classifier":
         groups, fracs = [liver, other], [0.5, 0.5]
-    elif role == "model_a":
+    elif role in ("model_a", "v3_convlstm", "v1_3dcnn"):
         groups, fracs = [liver, everything], [m["liver_fraction"], 1 - m["liver_fraction"]]
     else:
         groups, fracs = [tumour, everything], [m["tumour_fraction"], 1 - m["tumour_fraction"]]
@@ -142,6 +176,18 @@ def validate(model, spec, role, val_cases, device, amp) -> dict:
     for c in val_cases:
         with h5py.File(c.path, "r") as f:
             image, label = f["image"][:], f["label"][:]
+        if role in ("v3_convlstm", "v1_3dcnn"):
+            pred = np.zeros_like(label)
+            if role == "v3_convlstm":
+                for bz, lab in segment_sequences(model, spec, image, device, amp=amp):
+                    pred[bz] = lab
+            else:
+                probs = sliding_window_3d(model, spec, image, device, amp=amp)
+                pred = resize_probs_to_slices(probs, list(range(c.n_slices)), label.shape[1:])
+            ld, td = liver_tumour_dice(pred, label)
+            liver_d.append(ld)
+            tumour_d.append(td)
+            continue
         if role == "model_b":
             zs = [int(z) for z in np.flatnonzero(c.liver)]
             if not zs:
@@ -236,12 +282,17 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
     spec = make_spec(cfg, role)
     chash = config_hash(cfg, role, split)
     spec["config_hash"] = chash
-    items, liver, other, tumour = _items_and_groups(train_cases, role)
-    if not items or (role != "model_b" and not liver):
+    items, liver, other, tumour = _items_and_groups(train_cases, role, spec)
+    if not items or (role not in ("model_b",) and not liver):
         raise ValueError(f"{role}: the training cases hold no {'liver ' if role != 'classifier' else ''}slices to learn from")
     groups, fracs = _sampling(role, m, liver, other, tumour, len(items))
-    dataset = SliceDataset(train_cases, items, spec["context"], spec["input_size"],
-                           crop_margin=spec["crop_margin"] if role == "model_b" else None)
+    if role == "v3_convlstm":
+        dataset = SequenceDataset(train_cases, items, spec["context"], spec["input_size"], spec["seq_len"])
+    elif role == "v1_3dcnn":
+        dataset = PatchDataset(train_cases, items, tuple(spec["patch"]))
+    else:
+        dataset = SliceDataset(train_cases, items, spec["context"], spec["input_size"],
+                               crop_margin=spec["crop_margin"] if role == "model_b" else None)
 
     torch.manual_seed(seed)
     model = M.build(spec).to(device)
@@ -280,11 +331,22 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
         bar = _progress(loader, f"{role} epoch {epoch + 1}/{m['epochs']}")
         for x, y, has_liver in bar:
             aug = tc["augment"]
-            x, y = augment(x, None if role == "classifier" else y, gen, aug["rotate_deg"], aug["scale"],
-                           aug["intensity"], aug["flip_prob"])
+            if role == "v1_3dcnn":  # 3D patches: intensity jitter only
+                gain = 1 + (torch.rand(x.shape[0], 1, 1, 1, 1, generator=gen) * 2 - 1) * aug["intensity"]
+                x = x * gain
+            elif role == "v3_convlstm":
+                b, t = x.shape[:2]
+                xa, ya = augment(x.flatten(0, 1), y.flatten(0, 1), gen, aug["rotate_deg"], aug["scale"],
+                                 aug["intensity"], aug["flip_prob"], group=t)
+                x, y = xa.view(x.shape), ya
+            else:
+                x, y = augment(x, None if role == "classifier" else y, gen, aug["rotate_deg"], aug["scale"],
+                               aug["intensity"], aug["flip_prob"])
             x = x.to(device, non_blocking=True)
             with M.autocast(device, amp):
                 out = model(x)
+                if role == "v3_convlstm":
+                    out = out.flatten(0, 1)
                 if role == "classifier":
                     loss = F.binary_cross_entropy_with_logits(out.float(), has_liver.to(device))
                 else:
@@ -298,7 +360,7 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
             scaler.update()
             loss_sum += float(loss.detach())
             n_batches += 1
-            seen += x.shape[0]
+            seen += x.shape[0] * (x.shape[1] if role == "v3_convlstm" else x.shape[2] if role == "v1_3dcnn" else 1)
             bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
         bar.close()
         lr = opt.param_groups[0]["lr"]

@@ -85,13 +85,29 @@ def train_params_json(role):
     return json.dumps({k: config[k] for k in ("window", "slices", "train")}, sort_keys=True)
 
 
-def gpu_resources(role):
-    use_gpu = config["train"]["device"] in ("auto", "cuda")
-    return {"gpu": 1 if use_gpu else 0, "cpus_per_gpu": config["train"]["threads"] if use_gpu else 0}
+def slurm_resources(kind):
+    """Partition/account resources for SLURM from config.cluster; nothing when unset (local runs ignore them)."""
+    c = config["cluster"]
+    out = {}
+    part = c["gpu_partition"] if kind == "gpu" else c["cpu_partition"]
+    if part:
+        out["slurm_partition"] = part
+    if c["account"]:
+        out["slurm_account"] = c["account"]
+    return out
+
+
+def gpu_resources(section):
+    """GPU request of training/prediction jobs: one GPU when the device may be CUDA, none for device: cpu."""
+    use_gpu = config[section]["device"] in ("auto", "cuda")
+    res = {"gpu": 1 if use_gpu else 0}
+    if use_gpu:
+        res["cpus_per_gpu"] = config[section]["threads"]
+    return {**res, **slurm_resources("gpu" if use_gpu else "cpu")}
 
 
 # ---------------------------------------------------------------- prediction and evaluation
-PREDICT_MODE = {"v2_unetpp_cca": "model_a", "v4_cascade": "cascade"}
+PREDICT_MODE = {"v1_3dcnn": "v1_3dcnn", "v2_unetpp_cca": "model_a", "v3_convlstm": "v3_convlstm", "v4_cascade": "cascade"}
 
 
 wildcard_constraints:
@@ -100,7 +116,8 @@ wildcard_constraints:
 
 
 def models_for(wildcards):
-    roles = ["model_a"] if PREDICT_MODE[wildcards.experiment] == "model_a" else ["classifier", "model_a", "model_b"]
+    mode = PREDICT_MODE[wildcards.experiment]
+    roles = {"model_a": ["model_a"], "cascade": ["classifier", "model_a", "model_b"]}.get(mode, [mode])
     return [f"{R}/train/{r}/model.pt" for r in roles]
 
 

@@ -10,6 +10,7 @@ rule evaluate_case:
     resources:
         mem_mb=4000,
         runtime=20,
+        **slurm_resources("cpu"),
     conda:
         "../../envs/imaging.yaml"
     shell:

@@ -9,6 +9,10 @@ rule make_phantom:
         size=config["dataset"]["phantom"]["size"],
         slices=config["dataset"]["phantom"]["slices"],
         max_tumours=config["dataset"]["phantom"]["max_tumours"],
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        **slurm_resources("cpu"),
     conda:
         "../../envs/imaging.yaml"
     shell:

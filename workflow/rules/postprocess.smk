@@ -12,6 +12,7 @@ rule postprocess:
     resources:
         mem_mb=4000,
         runtime=20,
+        **slurm_resources("cpu"),
     conda:
         "../../envs/imaging.yaml"
     shell:

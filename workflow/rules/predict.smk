@@ -19,6 +19,7 @@ rule predict:
     resources:
         mem_mb=8000,
         runtime=60,
+        **gpu_resources("predict"),
     conda:
         "../../envs/torch.yaml"
     shell:

@@ -13,12 +13,14 @@ rule preprocess:
         mode=config["window"]["mode"],
         size=config["slices"]["size"],
         tol=config["ingest"]["affine_tolerance"],
+        compression=config["slices"]["compression"],
     resources:
         mem_mb=4000,
         runtime=30,
+        **slurm_resources("cpu"),
     conda:
         "../../envs/imaging.yaml"
     shell:
         "python -m liverseg preprocess --case {wildcards.case:q} --image {params.image:q} {params.label}"
         " --lower {params.lower} --upper {params.upper} --mode {params.mode} --size {params.size}"
-        " --affine-tolerance {params.tol} {output:q} > {log:q} 2>&1"
+        " --affine-tolerance {params.tol} --compression {params.compression} {output:q} > {log:q} 2>&1"

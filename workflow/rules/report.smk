@@ -16,6 +16,7 @@ rule overlay:
     resources:
         mem_mb=4000,
         runtime=10,
+        **slurm_resources("cpu"),
     conda:
         "../../envs/imaging.yaml"
     shell:

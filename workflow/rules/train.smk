@@ -19,7 +19,7 @@ rule train_classifier:
     resources:
         mem_mb=8000,
         runtime=240,
-        **gpu_resources("classifier"),
+        **gpu_resources("train"),
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -51,10 +51,42 @@ rule train_specialist:
     resources:
         mem_mb=12000,
         runtime=720,
-        **gpu_resources("specialist"),
+        **gpu_resources("train"),
     conda:
         "../../envs/torch.yaml"
     shell:
         "python -m liverseg train --role model_{wildcards.specialist} --split {input.split:q} --h5-dir {params.h5dir:q}"
+        " --config-json {params.cfg:q} --checkpoint-dir {params.ckpt:q} --threads {threads}"
+        " {params.outdir:q} > {log:q} 2>&1"
+
+
+rule train_variant:
+    input:
+        unpack(train_inputs),
+    output:
+        model=f"{R}/train/{{variant}}/model.pt",
+        spec=f"{R}/train/{{variant}}/model.json",
+        log_csv=f"{R}/train/{{variant}}/log.csv",
+        curves=report(f"{R}/train/{{variant}}/curves.png", category="Training", caption="../report/curves.rst"),
+    log:
+        f"{R}/logs/train/{{variant}}.log",
+    benchmark:
+        f"{R}/benchmarks/train/{{variant}}.tsv"
+    wildcard_constraints:
+        variant="v1_3dcnn|v3_convlstm",
+    params:
+        cfg=train_params_json("variant"),
+        ckpt=lambda wc: f"{R}/checkpoints/{wc.variant}",
+        h5dir=f"{R}/preprocess",
+        outdir=lambda wc, output: os.path.dirname(output.model),
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=16000,
+        runtime=720,
+        **gpu_resources("train"),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m liverseg train --role {wildcards.variant} --split {input.split:q} --h5-dir {params.h5dir:q}"
         " --config-json {params.cfg:q} --checkpoint-dir {params.ckpt:q} --threads {threads}"
         " {params.outdir:q} > {log:q} 2>&1"
