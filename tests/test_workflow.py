@@ -98,3 +98,20 @@ def test_deleting_one_h5_redoes_only_that_case(demo_run):
     jobs = _dry_jobs(demo_run)
     assert jobs["preprocess"] == 1 and "train_specialist" not in jobs and "make_phantom" not in jobs
     assert jobs["predict"] == len(TINY["experiments"])
+
+
+def test_forcerun_classifier_reruns_it_and_its_descendants_only(demo_run):
+    jobs = _dry_jobs(demo_run, "--forcerun", "train_classifier")
+    assert jobs["train_classifier"] == 1
+    assert not {"train_specialist", "train_variant", "preprocess", "make_phantom"} & set(jobs)
+    # only the cascade uses the classifier: V1, V2 and V3 predictions stay
+    assert jobs["predict"] == 2  # two test cases, v4_cascade only
+
+
+def test_until_stops_after_the_data_stages(demo_run, tmp_path):
+    wd = tmp_path / "fresh"
+    wd.mkdir()
+    (wd / "config.yaml").write_text(yaml.safe_dump(TINY))
+    jobs = _dry_jobs(wd, "--until", "preprocess", "split")
+    assert set(jobs) == {"make_phantom", "preprocess", "list_cases", "split"}
+    assert jobs["preprocess"] == TINY["dataset"]["phantom"]["n_cases"]

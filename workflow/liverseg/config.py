@@ -31,7 +31,7 @@ def schema() -> dict:
 
 def validate(cfg: dict) -> dict:
     """Validate in place and fill defaults; raise ValueError naming the offending key."""
-    validator = _with_defaults(jsonschema.Draft7Validator)(schema())
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]

@@ -47,7 +47,7 @@ def make_split(
         val = sorted(rest[:n_val])
         fold_lists = [val]
     train = sorted(c for c in rest if c not in set(val))
-    if not train:
+    if not train and n:
         raise ValueError(f"no training case left: {n} labelled case(s) for test_fraction={test_fraction}")
     return {
         "seed": seed,

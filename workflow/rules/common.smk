@@ -67,9 +67,11 @@ def data_targets():
 
 def all_targets():
     exps = config["experiments"]
+    # Without labelled test cases there is nothing to evaluate; predict-only cases are still segmented.
+    report_files = [f"{R}/report/summary.md", f"{R}/report/dice_per_case.png"] if SPLIT["test"] else []
     return (
         data_targets()
-        + [f"{R}/report/summary.md", f"{R}/report/dice_per_case.png"]
+        + report_files
         + expand(f"{R}/report/overlays/{{experiment}}/{{case}}.png", experiment=exps, case=SPLIT["test"])
         + expand(f"{R}/postprocess/{{experiment}}/{{case}}.nii.gz", experiment=exps, case=SPLIT["predict"])
     )
