@@ -115,3 +115,19 @@ def test_until_stops_after_the_data_stages(demo_run, tmp_path):
     jobs = _dry_jobs(wd, "--until", "preprocess", "split")
     assert set(jobs) == {"make_phantom", "preprocess", "list_cases", "split"}
     assert jobs["preprocess"] == TINY["dataset"]["phantom"]["n_cases"]
+
+
+def test_kaggle_target_exports_the_test_cases(demo_run):
+    (demo_run / "kaggle.yaml").write_text(yaml.safe_dump({"kaggle": {"cases": "test", "experiment": "v2_unetpp_cca"}}))
+    snakemake(demo_run, "kaggle", "--configfile", str(demo_run / "config.yaml"), str(demo_run / "kaggle.yaml"))
+    rows = (demo_run / "results/kaggle/submission.csv").read_text().splitlines()
+    split = json.loads((demo_run / "results/split/split.json").read_text())
+    slices = TINY["dataset"]["phantom"]["slices"]
+    assert rows[0] == "id,rle" and len(rows) == 1 + slices * len(split["test"])
+    assert {r.split(",")[0].rsplit("_", 1)[0] for r in rows[1:]} == {f"cell_{c}" for c in split["test"]}
+
+
+def test_html_report(demo_run):
+    snakemake(demo_run, "--report", str(demo_run / "report.html"))
+    html = (demo_run / "report.html").read_text(errors="replace")
+    assert len(html) > 100_000 and "summary.md" in html and "curves.png" in html
