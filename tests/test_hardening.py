@@ -84,6 +84,7 @@ def test_sigkill_during_training_then_rerun_incomplete_resumes(tmp_path):
     assert _kill_when(proc, after_first_epoch), "training never wrote an epoch checkpoint"
     assert not (wd / "results/train/model_a/model.pt").exists()
     done = torch.load(ckpt, weights_only=True)["epoch"]
+    _run(wd, "--unlock")  # a killed Snakemake leaves its directory lock behind, as for any user
     _run(wd, "--rerun-incomplete", "results/train/model_a/model.pt")
     log = (wd / "results/logs/train/model_a.log").read_text()
     assert f"resuming from checkpoint after epoch {done}" in log
@@ -102,6 +103,7 @@ def test_sigkill_during_hdf5_writing_leaves_nothing_that_looks_finished(tmp_path
     assert _kill_when(proc, lambda: pre.exists() and any(".tmp" in p.name for p in pre.iterdir())), \
         "never saw the temporary HDF5 file"
     assert not (pre / "0.h5").exists()
+    _run(wd, "--unlock")
     _run(wd, "--rerun-incomplete", "results/preprocess/0.h5")
     with h5py.File(pre / "0.h5") as f:
         assert f["image"].shape == (160, 384, 384) and f.attrs["case_id"] == "0"

@@ -91,11 +91,15 @@ def test_rerun_is_a_no_op_and_a_postprocess_change_reruns_only_downstream(demo_r
     assert jobs["postprocess"] == len(TINY["experiments"]) * 2  # every experiment's test cases, nothing else
 
 
-def test_deleting_one_h5_redoes_only_that_case(demo_run):
+def test_deleting_one_h5_redoes_only_that_case(demo_run, tmp_path):
     split = json.loads((demo_run / "results/split/split.json").read_text())
     case = split["test"][0]
-    os.remove(demo_run / "results" / "preprocess" / f"{case}.h5")
-    jobs = _dry_jobs(demo_run)
+    h5 = demo_run / "results" / "preprocess" / f"{case}.h5"
+    os.rename(h5, tmp_path / "kept.h5")
+    try:
+        jobs = _dry_jobs(demo_run)
+    finally:
+        os.rename(tmp_path / "kept.h5", h5)  # same file and mtime back, so later tests see an up-to-date run
     assert jobs["preprocess"] == 1 and "train_specialist" not in jobs and "make_phantom" not in jobs
     assert jobs["predict"] == len(TINY["experiments"])
 
