@@ -23,4 +23,4 @@ include: "workflow/rules/kaggle.smk"
 rule all:
     default_target: True
     input:
-        all_targets(),
+        all_targets,

@@ -42,6 +42,15 @@ def _cmd_preprocess(a):
     print(json.dumps(s))
 
 
+def _cmd_check(a):
+    from liverseg.preprocess import check_case
+
+    status = check_case(a.case, a.image, a.out, label_path=a.label, affine_tolerance=a.affine_tolerance)
+    if not status["ok"]:
+        # The verdict is recorded; the job itself succeeds so that the other cases go on.
+        print(f"liverseg check: error: {status['error']}", file=sys.stderr)
+
+
 def _cmd_split(a):
     from liverseg.ingest import read_case_table
     from liverseg.split import make_split, write_split
@@ -49,7 +58,17 @@ def _cmd_split(a):
     rows = read_case_table(a.cases)
     labelled = [r["case_id"] for r in rows if r["status"] == "labelled"]
     unlabelled = [r["case_id"] for r in rows if r["status"] == "predict-only"]
-    split = make_split(labelled, unlabelled, a.seed, a.test_fraction, a.val_fraction, a.folds, a.fold)
+    failed = {}
+    if a.checks:
+        from pathlib import Path
+
+        for cid in labelled + unlabelled:
+            status = json.loads((Path(a.checks) / f"{cid}.json").read_text())
+            if not status["ok"]:
+                failed[cid] = status["error"]
+    split = make_split(labelled, unlabelled, a.seed, a.test_fraction, a.val_fraction, a.folds, a.fold, failed=failed)
+    for cid, err in failed.items():
+        log.warning("left out: %s", err)
     write_split(split, a.out)
     log.info("split: %d train, %d val, %d test, %d predict-only", *(len(split[k]) for k in ("train", "val", "test", "predict")))
 
@@ -87,8 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.set_defaults(func=_cmd_preprocess)
 
+    s = sub.add_parser("check", help="validate one case and write its verdict as JSON (the workflow's first look)")
+    s.add_argument("--case", required=True)
+    s.add_argument("--image", required=True)
+    s.add_argument("--label")
+    s.add_argument("--affine-tolerance", type=float, default=1e-3)
+    s.add_argument("out")
+    s.set_defaults(func=_cmd_check)
+
     s = sub.add_parser("split", help="case-level train/val/test split (k-fold aware) from a case table")
     s.add_argument("--cases", required=True, help="TSV written by `liverseg cases`")
+    s.add_argument("--checks", help="folder of <case>.json verdicts from `liverseg check`; failed cases are left out")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--test-fraction", type=float, default=0.25)
     s.add_argument("--val-fraction", type=float, default=0.2)
@@ -99,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train the slice classifier, model A or model B")
     s.add_argument("--role", required=True, choices=["classifier", "model_a", "model_b", "v3_convlstm", "v1_3dcnn"])
-    s.add_argument("--split", required=True, help="split.json written by `liverseg split`")
+    s.add_argument("--split", help="split.json written by `liverseg split`")
+    s.add_argument("--split-json", help="the train/val case lists as JSON (what the Snakemake rule passes)")
     s.add_argument("--h5-dir", required=True, help="folder with <case>.h5 files")
     s.add_argument("--config", help="config YAML (defaults from the schema)")
     s.add_argument("--config-json", help="resolved config as JSON (what the Snakemake rule passes)")
@@ -225,7 +254,11 @@ def _cmd_summarize(a):
                for e in a.experiments}
     skipped = sorted({c for e in a.experiments for c in summaries[e].get("predict_only_skipped", [])})
     raw = load_summaries({e: mdir / e / "raw" / "summary.json" for e in a.experiments})
-    print(summary_table(summaries, seconds, a.experiments, skipped, a.out_md, raw=raw))
+    failed = {}
+    for e in a.experiments:
+        failed.update(summaries[e].get("failed_cases", {}))
+        failed.update({c: f"rejected: {r}" for c, r in summaries[e].get("rejected_cases", {}).items()})
+    print(summary_table(summaries, seconds, a.experiments, skipped, a.out_md, raw=raw, failed=failed))
     dice_plot({e: str(mdir / e / "post" / "per_case.tsv") for e in a.experiments}, a.out_plot)
 
 
@@ -273,7 +306,9 @@ def _cmd_train(a):
     from liverseg.train import train
 
     cfg = _load_config(a)
-    split = read_split(a.split)
+    if not (a.split or a.split_json):
+        raise ConfigError("give --split FILE or --split-json JSON")
+    split = json.loads(a.split_json) if a.split_json else read_split(a.split)
     paths = {c: str(Path(a.h5_dir) / f"{c}.h5") for c in split["train"] + split["val"]}
     missing = [p for p in paths.values() if not Path(p).is_file()]
     if missing:

@@ -95,23 +95,10 @@ def check_label_values(raw: np.ndarray, slope: float, inter: float, case: str) -
 
 
 # ---------------------------------------------------------------------------------------------- one case
-def preprocess_case(
-    case: str,
-    image_path,
-    out_path,
-    label_path=None,
-    lower: float = -150.0,
-    upper: float = 250.0,
-    mode: str = "fixed",
-    size: int = 128,
-    affine_tolerance: float = AFFINE_TOLERANCE,
-    compression: str = "none",
-) -> dict:
-    """Validate one case, window it, resize it and write its HDF5 atomically.  Returns a short summary."""
-    if mode not in WINDOW_MODES:
-        raise ValueError(f"unknown window mode {mode!r}; choose one of {WINDOW_MODES}")
-    if not upper > lower:
-        raise ValueError(f"window upper ({upper}) must be above lower ({lower})")
+def load_validated(case: str, image_path, label_path=None, affine_tolerance: float = AFFINE_TOLERANCE):
+    """Read a case and check everything that can be wrong with it; raise CaseError (one line) otherwise.
+
+    Returns (geometry, raw image in its stored dtype, slope, intercept, uint8 label or None)."""
     img = load_nifti(image_path, case, "image")
     geom = geometry_of(img)
     raw, slope, inter = read_raw(img, case, image_path, "image")
@@ -136,6 +123,47 @@ def preprocess_case(
         lab_raw = lab if lab.dtype == np.uint8 and (lslope, linter) == (1.0, 0.0) else (
             np.rint(lab * lslope + linter).astype(np.uint8)
         )
+    return geom, raw, slope, inter, lab_raw
+
+
+def check_case(case: str, image_path, out_json, label_path=None, affine_tolerance: float = AFFINE_TOLERANCE) -> dict:
+    """Validate a case and record the verdict as JSON; a bad case is a verdict, not a crash of the workflow.
+
+    The workflow's split reads these verdicts, so one bad case drops out instead of blocking every case after it.
+    """
+    import json
+
+    try:
+        _, _, _, _, lab = load_validated(case, image_path, label_path, affine_tolerance)
+        status = {"case": case, "ok": True, "error": ""}
+        if lab is not None and not (lab >= 1).any():
+            log.warning("case %s: the label holds no liver", case)
+            status["warning"] = "label holds no liver"
+    except CaseError as exc:
+        status = {"case": case, "ok": False, "error": str(exc)}
+    with atomic_path(out_json) as tmp:
+        Path(tmp).write_text(json.dumps(status) + "\n")
+    return status
+
+
+def preprocess_case(
+    case: str,
+    image_path,
+    out_path,
+    label_path=None,
+    lower: float = -150.0,
+    upper: float = 250.0,
+    mode: str = "fixed",
+    size: int = 128,
+    affine_tolerance: float = AFFINE_TOLERANCE,
+    compression: str = "none",
+) -> dict:
+    """Validate one case, window it, resize it and write its HDF5 atomically.  Returns a short summary."""
+    if mode not in WINDOW_MODES:
+        raise ValueError(f"unknown window mode {mode!r}; choose one of {WINDOW_MODES}")
+    if not upper > lower:
+        raise ValueError(f"window upper ({upper}) must be above lower ({lower})")
+    geom, raw, slope, inter, lab_raw = load_validated(case, image_path, label_path, affine_tolerance)
 
     can = geom.to_canonical(raw)  # a view: flips and transposes only
     can_lab = geom.to_canonical(lab_raw) if lab_raw is not None else None

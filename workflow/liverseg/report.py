@@ -108,7 +108,8 @@ def inference_seconds(bench_tsvs: list[str]) -> float | None:
 
 
 def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], run: list[str],
-                  skipped: list[str], out_md, raw: dict[str, dict] | None = None) -> str:
+                  skipped: list[str], out_md, raw: dict[str, dict] | None = None,
+                  failed: dict[str, str] | None = None) -> str:
     """Markdown comparison with the original study's rows; experiments not run say so."""
     lines = [
         "# liverseg: experiment comparison",
@@ -145,6 +146,9 @@ def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], 
     ]
     if skipped:
         lines += ["", f"Predict-only cases (no reference label, not evaluated): {', '.join(skipped)}"]
+    if failed:
+        lines += ["", f"**Failed cases** ({len(failed)}; left out of training, prediction and evaluation):", ""]
+        lines += [f"- `{c}`: {msg}" for c, msg in sorted(failed.items())]
     text = "\n".join(lines) + "\n"
     with atomic_path(out_md) as tmp:
         Path(tmp).write_text(text)

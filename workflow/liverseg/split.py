@@ -24,6 +24,7 @@ def make_split(
     val_fraction: float = 0.2,
     folds: int = 1,
     fold: int = 0,
+    failed: dict[str, str] | None = None,
 ) -> dict:
     if not 0 <= fold < max(folds, 1):
         raise ValueError(f"split.fold={fold} must be in [0, {folds})")
@@ -47,17 +48,28 @@ def make_split(
         val = sorted(rest[:n_val])
         fold_lists = [val]
     train = sorted(c for c in rest if c not in set(val))
-    if not train and n:
+    if not [c for c in train if c not in (failed or {})] and n:
         raise ValueError(f"no training case left: {n} labelled case(s) for test_fraction={test_fraction}")
+    # Cases that failed their check keep their place in the assignment (so fixing one later changes only its own
+    # subset) but are left out of every list that later stages read.
+    failed = dict(failed or {})
+
+    def ok(ids):
+        return [c for c in ids if c not in failed]
+
     return {
         "seed": seed,
         "folds": folds,
         "fold": fold,
-        "train": train,
-        "val": val,
-        "test": sorted(test),
-        "predict": sorted(set(unlabelled)),
-        "fold_lists": fold_lists,
+        "train": ok(train),
+        "val": ok(val),
+        "test": ok(sorted(test)),
+        "predict": ok(sorted(set(unlabelled))),
+        "fold_lists": [ok(f) for f in fold_lists],
+        "failed": {c: failed[c] for c in sorted(failed)},
+        "failed_subset": {c: next(k for k, ids in (("train", train), ("val", val), ("test", test),
+                                                   ("predict", unlabelled)) if c in ids)
+                          for c in sorted(failed) if c in set(train) | set(val) | set(test) | set(unlabelled)},
     }
 
 

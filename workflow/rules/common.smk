@@ -11,7 +11,6 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from liverseg.ingest import discover  # noqa: E402
 from liverseg.runenv import configure  # noqa: E402
-from liverseg.split import make_split  # noqa: E402
 
 configure(workflow.basedir)
 
@@ -27,12 +26,13 @@ UNLABELLED = [c.case_id for c in DISCOVERY.cases if not c.labelled]
 if not CASES:
     raise WorkflowError(f"no usable case found for dataset.source={config['dataset']['source']!r}")
 
-# The same function the split rule runs; evaluated here too so that training only waits for its own cases' files.
-SPLIT = make_split(
-    LABELLED,
-    UNLABELLED,
-    **{k: config["split"][k] for k in ("seed", "test_fraction", "val_fraction", "folds", "fold")},
-)
+
+
+def split_data():
+    """The split written by the `split` checkpoint: train/val/test/predict hold only cases that passed their
+    check; `failed` maps the others to their one-line error. Input functions calling this wait for the checkpoint."""
+    with open(checkpoints.split.get().output[0]) as fh:
+        return json.load(fh)
 
 
 wildcard_constraints:
@@ -61,25 +61,38 @@ def h5(case):
     return f"{R}/preprocess/{case}.h5"
 
 
-def data_targets():
-    return [h5(c) for c in CASES] + [f"{R}/split/split.json"]
+def check_file(case):
+    return f"{R}/ingest/checks/{case}.json"
 
 
-def all_targets():
+def all_targets(wildcards):
     exps = config["experiments"]
+    sp = split_data()
+    good = sp["train"] + sp["val"] + sp["test"] + sp["predict"]
     # Without labelled test cases there is nothing to evaluate; predict-only cases are still segmented.
-    report_files = [f"{R}/report/summary.md", f"{R}/report/dice_per_case.png"] if SPLIT["test"] else []
+    report_files = [f"{R}/report/summary.md", f"{R}/report/dice_per_case.png"] if sp["test"] else []
     return (
-        data_targets()
+        [h5(c) for c in good]
         + report_files
-        + expand(f"{R}/report/overlays/{{experiment}}/{{case}}.png", experiment=exps, case=SPLIT["test"])
-        + expand(f"{R}/postprocess/{{experiment}}/{{case}}.nii.gz", experiment=exps, case=SPLIT["predict"])
+        + expand(f"{R}/report/overlays/{{experiment}}/{{case}}.png", experiment=exps, case=sp["test"])
+        + expand(f"{R}/postprocess/{{experiment}}/{{case}}.nii.gz", experiment=exps, case=sp["predict"])
     )
 
 
 # ---------------------------------------------------------------- training
 def train_inputs(wildcards):
-    return {"split": f"{R}/split/split.json", "h5": [h5(c) for c in SPLIT["train"] + SPLIT["val"]]}
+    sp = split_data()
+    return {"h5": [h5(c) for c in sp["train"] + sp["val"]]}
+
+
+def train_split_json(wildcards):
+    """Only the case lists training uses: a split change elsewhere (e.g. a fixed test case) does not retrain."""
+    sp = split_data()
+    return json.dumps({k: sp[k] for k in ("train", "val")})
+
+
+def test_cases():
+    return split_data()["test"]
 
 
 def train_params_json(role):
@@ -129,7 +142,8 @@ def stage_prediction(wildcards):
 
 
 def kaggle_cases():
-    return SPLIT["predict"] if config["kaggle"]["cases"] == "predict" else SPLIT["test"]
+    sp = split_data()
+    return sp["predict"] if config["kaggle"]["cases"] == "predict" else sp["test"]
 
 
 def kaggle_experiment():

@@ -20,7 +20,7 @@ rule evaluate_case:
 
 rule aggregate_metrics:
     input:
-        lambda wc: [f"{R}/evaluate/{wc.experiment}/{wc.stage}/cases/{c}.tsv" for c in SPLIT["test"]],
+        lambda wc: [f"{R}/evaluate/{wc.experiment}/{wc.stage}/cases/{c}.tsv" for c in test_cases()],
     output:
         tsv=report(
             f"{R}/evaluate/{{experiment}}/{{stage}}/per_case.tsv",
@@ -32,7 +32,15 @@ rule aggregate_metrics:
     log:
         f"{R}/logs/evaluate/{{experiment}}/{{stage}}/aggregate.log",
     params:
-        extra=lambda wc: json.dumps({"experiment": wc.experiment, "stage": wc.stage, "predict_only_skipped": UNLABELLED}),
+        extra=lambda wc: json.dumps(
+            {
+                "experiment": wc.experiment,
+                "stage": wc.stage,
+                "predict_only_skipped": UNLABELLED,
+                "failed_cases": split_data()["failed"],
+                "rejected_cases": dict(DISCOVERY.rejected),
+            }
+        ),
     localrule: True
     conda:
         "../../envs/imaging.yaml"

@@ -34,3 +34,25 @@ rule list_cases:
         from liverseg.ingest import write_case_table
 
         write_case_table(DISCOVERY, output[0])
+
+
+rule check_case:
+    input:
+        unpack(existing_inputs),
+    output:
+        f"{R}/ingest/checks/{{case}}.json",
+    log:
+        f"{R}/logs/ingest/check/{{case}}.log",
+    params:
+        image=case_image,
+        label=lambda wc: f"--label {shlex.quote(case_label(wc))}" if case_label(wc) else "",
+        tol=config["ingest"]["affine_tolerance"],
+    resources:
+        mem_mb=4000,
+        runtime=20,
+        **slurm_resources("cpu"),
+    conda:
+        "../../envs/imaging.yaml"
+    shell:
+        "python -m liverseg check --case {wildcards.case:q} --image {params.image:q} {params.label}"
+        " --affine-tolerance {params.tol} {output:q} > {log:q} 2>&1"

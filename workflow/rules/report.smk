@@ -27,7 +27,9 @@ rule overlay:
 rule summarize:
     input:
         summaries=expand(f"{R}/evaluate/{{experiment}}/{{stage}}/summary.json", experiment=config["experiments"], stage=["raw", "post"]),
-        benchmarks=expand(f"{R}/benchmarks/predict/{{experiment}}/{{case}}.tsv", experiment=config["experiments"], case=SPLIT["test"]),
+        benchmarks=lambda wc: expand(
+            f"{R}/benchmarks/predict/{{experiment}}/{{case}}.tsv", experiment=config["experiments"], case=test_cases()
+        ),
     output:
         md=report(f"{R}/report/summary.md", category="Summary", caption="../report/summary.rst"),
         plot=report(f"{R}/report/dice_per_case.png", category="Summary", caption="../report/dice.rst"),

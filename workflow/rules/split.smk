@@ -1,6 +1,7 @@
-rule split:
+checkpoint split:
     input:
-        f"{R}/ingest/cases.tsv",
+        cases=f"{R}/ingest/cases.tsv",
+        checks=[check_file(c) for c in CASES],
     output:
         f"{R}/split/split.json",
     log:
@@ -11,9 +12,11 @@ rule split:
         val=config["split"]["val_fraction"],
         folds=config["split"]["folds"],
         fold=config["split"]["fold"],
+        checks=lambda wc, input: os.path.dirname(input.checks[0]),
     localrule: True
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "python -m liverseg split --cases {input:q} --seed {params.seed} --test-fraction {params.test}"
-        " --val-fraction {params.val} --folds {params.folds} --fold {params.fold} {output:q} > {log:q} 2>&1"
+        "python -m liverseg split --cases {input.cases:q} --checks {params.checks:q} --seed {params.seed}"
+        " --test-fraction {params.test} --val-fraction {params.val} --folds {params.folds} --fold {params.fold}"
+        " {output:q} > {log:q} 2>&1"

@@ -12,6 +12,7 @@ rule train_classifier:
         f"{R}/benchmarks/train/classifier.tsv"
     params:
         cfg=train_params_json("classifier"),
+        split=train_split_json,
         ckpt=f"{R}/checkpoints/classifier",
         h5dir=f"{R}/preprocess",
         outdir=lambda wc, output: os.path.dirname(output.model),
@@ -23,7 +24,7 @@ rule train_classifier:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m liverseg train --role classifier --split {input.split:q} --h5-dir {params.h5dir:q}"
+        "python -m liverseg train --role classifier --split-json {params.split:q} --h5-dir {params.h5dir:q}"
         " --config-json {params.cfg:q} --checkpoint-dir {params.ckpt:q} --threads {threads}"
         " {params.outdir:q} > {log:q} 2>&1"
 
@@ -44,6 +45,7 @@ rule train_specialist:
         specialist="a|b",
     params:
         cfg=train_params_json("specialist"),
+        split=train_split_json,
         ckpt=lambda wc: f"{R}/checkpoints/model_{wc.specialist}",
         h5dir=f"{R}/preprocess",
         outdir=lambda wc, output: os.path.dirname(output.model),
@@ -55,7 +57,7 @@ rule train_specialist:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m liverseg train --role model_{wildcards.specialist} --split {input.split:q} --h5-dir {params.h5dir:q}"
+        "python -m liverseg train --role model_{wildcards.specialist} --split-json {params.split:q} --h5-dir {params.h5dir:q}"
         " --config-json {params.cfg:q} --checkpoint-dir {params.ckpt:q} --threads {threads}"
         " {params.outdir:q} > {log:q} 2>&1"
 
@@ -76,6 +78,7 @@ rule train_variant:
         variant="v1_3dcnn|v3_convlstm",
     params:
         cfg=train_params_json("variant"),
+        split=train_split_json,
         ckpt=lambda wc: f"{R}/checkpoints/{wc.variant}",
         h5dir=f"{R}/preprocess",
         outdir=lambda wc, output: os.path.dirname(output.model),
@@ -87,6 +90,6 @@ rule train_variant:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m liverseg train --role {wildcards.variant} --split {input.split:q} --h5-dir {params.h5dir:q}"
+        "python -m liverseg train --role {wildcards.variant} --split-json {params.split:q} --h5-dir {params.h5dir:q}"
         " --config-json {params.cfg:q} --checkpoint-dir {params.ckpt:q} --threads {threads}"
         " {params.outdir:q} > {log:q} 2>&1"
