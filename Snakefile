@@ -24,3 +24,9 @@ rule all:
     default_target: True
     input:
         all_targets,
+
+
+# `snakemake data`: only the data stages (phantom, checks, split, HDF5 of every usable case).
+rule data:
+    input:
+        data_targets,

@@ -116,8 +116,10 @@ def test_until_stops_after_the_data_stages(tmp_path):
     wd = tmp_path / "fresh"
     wd.mkdir()
     (wd / "config.yaml").write_text(yaml.safe_dump(TINY))
-    snakemake(wd, "--until", "preprocess", "split")
+    snakemake(wd, "--until", "split")
     res = wd / "results"
+    assert (res / "split/split.json").exists() and not (res / "preprocess").exists()
+    snakemake(wd, "data")
     n = TINY["dataset"]["phantom"]["n_cases"]
     assert len(list((res / "preprocess").glob("*.h5"))) == n and (res / "split/split.json").exists()
     assert not (res / "train").exists() and not (res / "predict").exists()

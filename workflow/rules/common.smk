@@ -65,6 +65,11 @@ def check_file(case):
     return f"{R}/ingest/checks/{case}.json"
 
 
+def data_targets(wildcards):
+    sp = split_data()
+    return [h5(c) for c in sp["train"] + sp["val"] + sp["test"] + sp["predict"]]
+
+
 def all_targets(wildcards):
     exps = config["experiments"]
     sp = split_data()
