@@ -60,7 +60,7 @@ def main():
                 img, lab = ram[k]
                 xs.append(img[context_indices(z, img.shape[0], context)].astype(np.float32))
                 ys.append(lab[z].astype(np.int64))
-            x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+            x, _ = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
             m += x.shape[0]
         t_ram = time.perf_counter() - t
     r_h5, r_ram = n / t_h5, m / t_ram

@@ -1,6 +1,5 @@
 import nibabel as nib
 import numpy as np
-import pytest
 from scipy import ndimage
 
 from liverseg.postprocess import largest_component, postprocess_case, postprocess_labels

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from liverseg.errors import CaseError
-from liverseg.io import atomic_path, load_nifti
+from liverseg.io import atomic_path, load_nifti, read_labels
 from liverseg.metrics import case_metrics
 
 COLUMNS = [
@@ -30,8 +30,7 @@ def evaluate_case(case: str, pred_path, ref_path, out_tsv, affine_tolerance: flo
         raise CaseError(case, f"prediction shape {pred_img.shape} differs from reference shape {ref_img.shape}")
     if not np.allclose(pred_img.affine, ref_img.affine, atol=affine_tolerance, rtol=0):
         raise CaseError(case, "prediction affine differs from the reference affine; was it written on another grid?")
-    pred = np.asanyarray(pred_img.dataobj).astype(np.uint8, copy=False)
-    ref = np.rint(np.asanyarray(ref_img.dataobj)).astype(np.uint8)
+    pred, ref = read_labels(pred_img), read_labels(ref_img)
     spacing = tuple(float(v) for v in ref_img.header.get_zooms()[:3])
     rows = [{"case": case, **r} for r in case_metrics(pred, ref, spacing)]
     write_rows(rows, out_tsv)

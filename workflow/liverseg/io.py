@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
 from liverseg.errors import CaseError
 
@@ -111,6 +111,12 @@ def read_raw(img: nib.Nifti1Image, case: str, path, what: str = "image") -> tupl
     slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
     inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
     return raw, slope, inter
+
+
+def read_labels(img: nib.Nifti1Image) -> np.ndarray:
+    """A label volume as uint8 without a float copy of the whole grid when it is already stored as integers."""
+    arr = np.asanyarray(img.dataobj)  # label files carry no scaling in practice; float ones are rounded
+    return (np.rint(arr) if arr.dtype.kind == "f" else arr).astype(np.uint8, copy=False)
 
 
 def _short(exc: BaseException) -> str:

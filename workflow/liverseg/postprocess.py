@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from liverseg.errors import CaseError
-from liverseg.io import atomic_path, load_nifti
+from liverseg.io import atomic_path, load_nifti, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def postprocess_labels(labels: np.ndarray, spacing=(1.0, 1.0, 1.0), connectivity
 def postprocess_case(case: str, in_path, out_path, connectivity: int = 26, min_lesion_mm3: float = 0.0,
                      fill_holes: bool = False) -> dict:
     img = load_nifti(in_path, case, "prediction")
-    labels = np.asanyarray(img.dataobj).astype(np.uint8, copy=False)
+    labels = read_labels(img)
     if labels.max() > 2:
         raise CaseError(case, f"prediction {in_path} holds label values above 2")
     spacing = img.header.get_zooms()[:3]

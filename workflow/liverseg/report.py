@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from liverseg.io import atomic_path, geometry_of, load_nifti  # noqa: E402
+from liverseg.io import atomic_path, geometry_of, load_nifti, read_labels, read_raw  # noqa: E402
 
 # Rows of the original study's results table, in its order, with what each experiment is.
 EXPERIMENTS = {
@@ -56,14 +56,16 @@ def overlay_case(case: str, image_path, ref_path, pred_path, out_png, lower=-150
     """CT | reference | prediction at three slices, contours (not filled), aspect ratio from the voxel spacing."""
     img = load_nifti(image_path, case, "image")
     geom = geometry_of(img)
-    ct = geom.to_canonical(np.asanyarray(img.dataobj))
-    ref = geom.to_canonical(np.asanyarray(load_nifti(ref_path, case, "label").dataobj).astype(np.uint8))
-    pred = geom.to_canonical(np.asanyarray(load_nifti(pred_path, case, "prediction").dataobj).astype(np.uint8))
+    # CT in its stored dtype (a scaled int16 file would otherwise become a float64 copy); HU only for the 3 slices.
+    raw, slope, inter = read_raw(img, case, image_path, "image")
+    ct = geom.to_canonical(raw)
+    ref = geom.to_canonical(read_labels(load_nifti(ref_path, case, "label")))
+    pred = geom.to_canonical(read_labels(load_nifti(pred_path, case, "prediction")))
     sx, sy, _ = geom.canonical_spacing
     rows = pick_slices(ref, pred)
     fig, axes = plt.subplots(len(rows), 3, figsize=(10.5, 3.6 * len(rows)))
     for r, (what, z) in enumerate(rows):
-        ct2 = _display(ct[:, :, z].astype(np.float32))
+        ct2 = _display(ct[:, :, z].astype(np.float32) * slope + inter)
         for c, (name, lab) in enumerate((("CT", None), ("reference", ref), ("prediction", pred))):
             ax = axes[r, c]
             ax.imshow(ct2, cmap="gray", vmin=lower, vmax=upper, origin="lower", aspect=sy / sx,
