@@ -147,7 +147,7 @@ def test_fault_matrix(tmp_path):
     shutil.copy(orig / f"{fix}_lab.nii.gz", data / f"{fix}_lab.nii.gz")
     r = _snakemake(wd, "-n", "--quiet", "rules")
     jobs = {p[0]: int(p[1]) for p in (ln.split() for ln in r.stdout.splitlines()) if len(p) == 2 and p[1].isdigit()}
-    assert jobs.get("check_case") == 1 and "train_specialist" not in jobs and "make_phantom" not in jobs, jobs
+    assert jobs.get("check_case") == 1 and "train" not in jobs and "make_phantom" not in jobs, jobs
     r = _snakemake(wd)
     assert r.returncode == 0, r.stderr[-3000:]
     split = json.loads((res / "split/split.json").read_text())

@@ -49,7 +49,7 @@ def run_on_slurm(workdir, *targets):
            "--directory", str(workdir), "--profile", str(ROOT / "profiles" / "slurm"), "--slurm-no-account",
            "--jobs", "4", "--slurm-init-seconds-before-status-checks", "5", "--latency-wait", "5",
            "--retries", "0", "--set-resources",
-           *[f"{r}:mem_mb=1500" for r in ("train_classifier", "train_specialist", "train_variant", "predict",
+           *[f"{r}:mem_mb=1500" for r in ("train", "predict",
                                           "preprocess", "postprocess", "evaluate_case", "overlay", "make_phantom")]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -81,7 +81,7 @@ def test_demo_dag_through_sbatch(slurm, tmp_path):
     assert r.returncode == 0, text[-4000:]
     jobs = submitted(text)
     rules = set(jobs.values())
-    for rule in ("make_phantom", "preprocess", "train_classifier", "train_specialist", "predict"):
+    for rule in ("make_phantom", "preprocess", "train", "predict"):
         assert rule in rules, (rule, rules)
     # per-case steps after prediction go as grouped jobs (profile `groups:`), one sbatch per case and experiment
     assert "group:per_case_evaluate_case_overlay_postprocess" in rules, rules
@@ -91,7 +91,7 @@ def test_demo_dag_through_sbatch(slurm, tmp_path):
     assert set(states) == set(jobs)
     assert all(s == "COMPLETED" for _, s in states.values()), states
     for jid, rule in jobs.items():
-        expected = "gpu" if rule.startswith(("train_", "predict")) else "cpu"
+        expected = "gpu" if rule in ("train", "predict") else "cpu"
         assert states[jid][0] == expected, (rule, states[jid])
     res = tmp_path / "results"
     split = yaml.safe_load((res / "split" / "split.json").read_text())

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from liverseg.errors import CaseError, ConfigError, ModelFileError
+from liverseg.roles import GATES, MODES, ROLES
 
 log = logging.getLogger("liverseg")
 
@@ -126,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_split)
 
     s = sub.add_parser("train", help="train the slice classifier, model A or model B")
-    s.add_argument("--role", required=True, choices=["classifier", "model_a", "model_b", "v3_convlstm", "v1_3dcnn"])
+    s.add_argument("--role", required=True, choices=list(ROLES))
+    s.add_argument("--needs", nargs="*", default=[], metavar="ROLE=MODEL_PT",
+                   help="trained models this role depends on (model_b: classifier and model_a)")
     s.add_argument("--split", help="split.json written by `liverseg split`")
     s.add_argument("--split-json", help="the train/val case lists as JSON (what the Snakemake rule passes)")
     s.add_argument("--h5-dir", required=True, help="folder with <case>.h5 files")
@@ -141,10 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--case", required=True)
     s.add_argument("--h5", required=True)
     s.add_argument("--models", required=True, help="folder with classifier/, model_a/, model_b/")
-    s.add_argument("--mode", choices=["cascade", "model_a", "v3_convlstm", "v1_3dcnn"], default="cascade")
+    s.add_argument("--mode", choices=list(MODES), default="cascade")
     s.add_argument("--scores", help="TSV of per-slice classifier scores and gating")
     s.add_argument("--device", default="auto")
-    s.add_argument("--tta", action="store_true", help="average with a left-right flipped pass")
+    s.add_argument("--tta", choices=["auto", "true", "false"], default="auto",
+                   help="test-time augmentation (auto: as chosen on the validation cases)")
+    s.add_argument("--gate", choices=["auto", *GATES], default="auto", help="V4 gate (auto: as chosen on validation)")
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("out")
@@ -177,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", required=True, help="folder with classifier/, model_a/, model_b/ (e.g. results/train)")
     s.add_argument("--mode", choices=["cascade", "model_a"], default="cascade")
     s.add_argument("--device", default="auto")
-    s.add_argument("--tta", action="store_true")
+    s.add_argument("--tta", choices=["auto", "true", "false"], default="auto",
+                   help="test-time augmentation (auto: as chosen on the validation cases)")
+    s.add_argument("--gate", choices=["auto", *GATES], default="auto", help="V4 gate (auto: as chosen on validation)")
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--no-postprocess", action="store_true", help="skip the largest-component step")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
@@ -219,7 +226,8 @@ def _cmd_predict(a):
         import torch
 
         torch.set_num_threads(a.threads)
-    kw = {"mode": a.mode, "device": a.device, "tta": a.tta, "batch": a.batch, "postprocess": not a.no_postprocess}
+    kw = {"mode": a.mode, "device": a.device, "tta": a.tta, "batch": a.batch, "postprocess": not a.no_postprocess,
+          "gate": a.gate}
     src = Path(a.input)
     if src.is_dir() and not is_dicom_folder(src):
         for s in predict_many(src, a.output, a.models, **kw):
@@ -268,7 +276,7 @@ def _cmd_predict_case(a):
     from liverseg.predict import predict_case
 
     torch.set_num_threads(max(1, a.threads))
-    s = predict_case(a.case, a.h5, a.models, a.out, a.scores, a.mode, a.device, a.tta, a.batch)
+    s = predict_case(a.case, a.h5, a.models, a.out, a.scores, a.mode, a.device, a.tta, a.batch, gate=a.gate)
     print(json.dumps(s))
 
 
@@ -313,7 +321,8 @@ def _cmd_train(a):
     missing = [p for p in paths.values() if not Path(p).is_file()]
     if missing:
         raise ConfigError(f"missing preprocessed case file(s): {', '.join(missing[:5])}")
-    train(a.role, paths, split, cfg, a.out_dir, a.checkpoint_dir, threads=a.threads)
+    needs = dict(n.split("=", 1) for n in a.needs)
+    train(a.role, paths, split, cfg, a.out_dir, a.checkpoint_dir, threads=a.threads, needs=needs)
 
 
 def main(argv=None) -> int:
@@ -325,7 +334,7 @@ def main(argv=None) -> int:
     except CaseError as exc:
         print(f"liverseg {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except (ConfigError, FileNotFoundError, ModelFileError) as exc:
+    except (ConfigError, FileNotFoundError, ModelFileError, ValueError) as exc:
         print(f"liverseg {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0

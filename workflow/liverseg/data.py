@@ -22,32 +22,6 @@ def context_indices(z: int, n_slices: int, context: int) -> list[int]:
     return [min(max(z + d, 0), n_slices - 1) for d in range(-context, context + 1)]
 
 
-def crop_box(bbox3d, size: int, margin: int) -> tuple[int, int, int, int]:
-    """In-plane liver box [r0, r1, c0, c1] grown by ``margin`` pixels and clipped to the slice."""
-    _, _, r0, r1, c0, c1 = (int(v) for v in bbox3d)
-    return max(0, r0 - margin), min(size, r1 + margin), max(0, c0 - margin), min(size, c1 + margin)
-
-
-def crop_resize(arr: np.ndarray, box, out_size: int, is_label: bool = False) -> torch.Tensor:
-    """Crop (C, H, W) to ``box`` and resize to (C, out_size, out_size)."""
-    r0, r1, c0, c1 = box
-    t = torch.from_numpy(np.ascontiguousarray(arr[:, r0:r1, c0:c1]))[None].float()
-    mode = "nearest-exact" if is_label else "bilinear"
-    kw = {} if is_label else {"align_corners": False}
-    return F.interpolate(t, size=(out_size, out_size), mode=mode, **kw)[0]
-
-
-def paste_back(pred: torch.Tensor, box, size: int) -> torch.Tensor:
-    """Inverse of crop_resize for (C, h, w) scores: resize to the box and place into a (C, size, size) canvas.
-
-    The canvas outside the box is background (class 0 gets probability 1)."""
-    r0, r1, c0, c1 = box
-    out = torch.zeros((pred.shape[0], size, size), dtype=pred.dtype)
-    out[0] = 1.0
-    out[:, r0:r1, c0:c1] = F.interpolate(pred[None], size=(r1 - r0, c1 - c0), mode="bilinear", align_corners=False)[0]
-    return out
-
-
 @dataclass
 class CaseIndex:
     path: str
@@ -56,6 +30,14 @@ class CaseIndex:
     tumour: np.ndarray
     bbox3d: np.ndarray
     size: int
+    identity: dict
+
+    def liver_zrange(self, z_margin: int) -> tuple[int, int] | None:
+        """Slices of the reference liver plus ``z_margin`` on each side (model B's z-range in training)."""
+        zs = np.flatnonzero(self.liver)
+        if zs.size == 0:
+            return None
+        return max(0, int(zs[0]) - z_margin), min(self.n_slices, int(zs[-1]) + 1 + z_margin)
 
 
 def index_cases(paths: list[str]) -> list[CaseIndex]:
@@ -64,9 +46,14 @@ def index_cases(paths: list[str]) -> list[CaseIndex]:
         with h5py.File(p, "r") as f:
             if "label" not in f:
                 raise ValueError(f"{p} has no label; only labelled cases can be used for training")
+            a = f.attrs
+            # What the slices were made from: hashes recorded at preprocessing, never the arrays re-read.
+            identity = {k: str(a.get(k, "")) for k in ("case_id", "source_image_sha256", "source_label_sha256",
+                                                       "pipeline_version", "window_mode", "window_lower",
+                                                       "window_upper", "size")}
             out.append(
                 CaseIndex(p, f["image"].shape[0], f["liver_present"][:], f["tumour_present"][:],
-                          f.attrs["liver_bbox_3d"], int(f.attrs["size"]))
+                          a["liver_bbox_3d"], int(a["size"]), identity)
             )
     return out
 
@@ -74,10 +61,9 @@ def index_cases(paths: list[str]) -> list[CaseIndex]:
 class SliceDataset(torch.utils.data.Dataset):
     """Sample i is (case k, slice z); returns image (2c+1, S, S) float32, label (S, S) int64, liver flag."""
 
-    def __init__(self, cases: list[CaseIndex], items: list[tuple[int, int]], context: int,
-                 input_size: int, crop_margin: int | None = None):
+    def __init__(self, cases: list[CaseIndex], items: list[tuple[int, int]], context: int, input_size: int):
         self.cases, self.items, self.context = cases, items, context
-        self.input_size, self.crop_margin = input_size, crop_margin
+        self.input_size = input_size
         self._handles: dict[int, h5py.File] = {}
         self._pid = None
 
@@ -91,8 +77,8 @@ class SliceDataset(torch.utils.data.Dataset):
             self._handles[k] = h5py.File(self.cases[k].path, "r")
         return self._handles[k]
 
-    def __getitem__(self, i):
-        k, z = self.items[i]
+    def __getitem__(self, draw):
+        k, z = self.items[draw[0]]
         c = self.cases[k]
         f = self._file(k)
         idx = context_indices(z, c.n_slices, self.context)
@@ -100,11 +86,7 @@ class SliceDataset(torch.utils.data.Dataset):
         block = f["image"][lo:hi]  # contiguous read, then pick (edges repeat)
         img = block[[j - lo for j in idx]].astype(np.float32)
         lab = f["label"][z][None].astype(np.uint8)
-        if self.crop_margin is not None:
-            box = crop_box(c.bbox3d, c.size, self.crop_margin)
-            x = crop_resize(img, box, self.input_size)
-            y = crop_resize(lab, box, self.input_size, is_label=True)[0].long()
-        elif c.size != self.input_size:
+        if c.size != self.input_size:
             x = F.interpolate(torch.from_numpy(img)[None], size=(self.input_size,) * 2, mode="bilinear",
                               align_corners=False)[0]
             y = F.interpolate(torch.from_numpy(lab)[None].float(), size=(self.input_size,) * 2,
@@ -114,18 +96,24 @@ class SliceDataset(torch.utils.data.Dataset):
         return x, y, torch.tensor(float(c.liver[z]))
 
 
-def epoch_indices(groups: list[list[int]], fractions: list[float], n: int, seed: int, epoch: int) -> list[int]:
-    """Draw ``n`` dataset indices: ``fractions[g]`` of them from group g (with replacement), shuffled."""
+def epoch_draws(groups: list[list[int]], fractions: list[float], n: int, seed: int, epoch: int) -> list[tuple]:
+    """Draw ``n`` samples: ``fractions[g]`` of them from group g (with replacement), shuffled.
+
+    Each draw is (dataset index, group, draw key); datasets that pick a random patch seed it with the key, so the
+    epoch is the same whatever the number of DataLoader workers and whether the run was resumed."""
     rng = np.random.default_rng([seed, epoch])
     counts = [int(round(n * f)) for f in fractions]
     counts[-1] = n - sum(counts[:-1])
-    picks = []
-    for g, cnt in zip(groups, counts):
+    idx, grp = [], []
+    for gi, (g, cnt) in enumerate(zip(groups, counts)):
         if cnt > 0 and g:
-            picks.append(rng.choice(np.asarray(g), size=cnt, replace=True))
-    out = np.concatenate(picks) if picks else np.zeros(0, np.int64)
-    rng.shuffle(out)
-    return out.tolist()
+            idx.append(rng.choice(np.asarray(g), size=cnt, replace=True))
+            grp.append(np.full(cnt, gi))
+    if not idx:
+        return []
+    idx, grp = np.concatenate(idx), np.concatenate(grp)
+    order = rng.permutation(len(idx))
+    return [(int(idx[o]), int(grp[o]), (seed, epoch, j)) for j, o in enumerate(order)]
 
 
 def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator, rotate_deg: float, scale: float,
@@ -163,8 +151,8 @@ class SequenceDataset(SliceDataset):
         super().__init__(cases, items, context, input_size)
         self.seq_len = seq_len
 
-    def __getitem__(self, i):
-        k, z0 = self.items[i]
+    def __getitem__(self, draw):
+        k, z0 = self.items[draw[0]]
         c = self.cases[k]
         f = self._file(k)
         zs = [min(z, c.n_slices - 1) for z in range(z0, z0 + self.seq_len)]
@@ -188,8 +176,8 @@ class PatchDataset(SliceDataset):
         super().__init__(cases, items, 0, patch[1])
         self.patch = patch
 
-    def __getitem__(self, i):
-        k, z0, r0, c0 = self.items[i]
+    def __getitem__(self, draw):
+        k, z0, r0, c0 = self.items[draw[0]]
         d, p = self.patch
         f = self._file(k)
         img = np.zeros((d, p, p), np.float32)
@@ -209,3 +197,55 @@ def patch_grid(n: int, patch: int) -> list[int]:
     if starts[-1] != n - patch:
         starts.append(n - patch)
     return starts
+
+
+class LiverPatchDataset(SliceDataset):
+    """Model B: a ``patch`` x ``patch`` crop of the stored grid (never rescaled) around the liver.
+
+    Sample (case k, slice z) with z anywhere in the reference liver's z-range plus a margin, so B also sees slices
+    without liver the way it will at inference.  The liver box is the reference box grown by ``margin`` and then
+    shifted edge by edge by up to ``shift`` pixels (the way model A's boxes err; its size in pixels is kept, the
+    image is never rescaled).  The patch lies inside that box's tile region (as inference tiles it); a draw from
+    the tumour group centres it on a random tumour pixel of the slice (nnU-Net's foreground oversampling)."""
+
+    def __init__(self, cases, items, context: int, patch: int, margin: int, shift: int):
+        super().__init__(cases, items, context, patch)
+        self.patch, self.margin, self.shift = patch, margin, shift
+
+    def __getitem__(self, draw):
+        from liverseg.inference import tile_region
+
+        i, group, key = draw
+        k, z = self.items[i]
+        c = self.cases[k]
+        f = self._file(k)
+        rng = np.random.default_rng(list(key))
+        p, size = self.patch, c.size
+        _, _, r0, r1, c0, c1 = (int(v) for v in c.bbox3d)
+        jitter = rng.integers(-self.shift, self.shift + 1, size=4) if self.shift else np.zeros(4, int)
+        box = (r0 - self.margin + jitter[0], r1 + self.margin + jitter[1],
+               c0 - self.margin + jitter[2], c1 + self.margin + jitter[3])
+        box = (box[0], max(box[1], box[0] + 1), box[2], max(box[3], box[2] + 1))
+        region = tile_region(box, size, p)
+        lab_full = f["label"][z]
+        origin = []
+        tum = np.argwhere(lab_full == 2) if c.tumour[z] else np.zeros((0, 2), int)
+        centre = tum[rng.integers(len(tum))] if (group == 0 and len(tum)) else None
+        for ax, (a0, a1) in enumerate(((region[0], region[1]), (region[2], region[3]))):
+            hi = max(a0, a1 - p)
+            if centre is not None:
+                o = int(centre[ax]) - p // 2 + int(rng.integers(-(p // 4), p // 4 + 1))
+            else:
+                o = int(rng.integers(a0, hi + 1))
+            origin.append(min(max(o, a0), hi))
+        ro, co = origin
+        idx = context_indices(z, c.n_slices, self.context)
+        lo, hi_ = idx[0], idx[-1] + 1
+        block = f["image"][lo:hi_, ro : ro + p, co : co + p]
+        img = np.zeros((len(idx), p, p), np.float32)
+        src = block[[j - lo for j in idx]]
+        img[:, : src.shape[1], : src.shape[2]] = src
+        lab = np.zeros((p, p), np.int64)
+        ls = lab_full[ro : ro + p, co : co + p]
+        lab[: ls.shape[0], : ls.shape[1]] = ls
+        return torch.from_numpy(img), torch.from_numpy(lab), torch.tensor(float(c.liver[z]))

@@ -1,4 +1,12 @@
-"""Applying trained models to the slices of one case (used by validation during training and by prediction)."""
+"""Applying trained models to the slices of one case (used by validation during training and by prediction).
+
+Every function works on the stored slice grid of the HDF5 file, image (Z, S, S).  Probabilities are returned,
+not labels, so callers combine models and resample before the argmax.
+
+Test-time augmentation uses only transforms training also applied (read from the model's spec, ``augment``):
+the left-right flip when training flipped, and zooms at the edges of training's scale range when training
+scaled.  Each augmented pass is mapped back and averaged over the pixels it actually saw.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from liverseg.data import context_indices, paste_back
+from liverseg.data import context_indices, patch_grid
 from liverseg.models import autocast
 
 
@@ -36,41 +44,118 @@ def classify(model, spec: dict, image: np.ndarray, device: torch.device, batch: 
     return out
 
 
-def _probs(model, x: torch.Tensor, device, amp: bool, tta: bool) -> torch.Tensor:
-    with autocast(device, amp):
-        p = torch.softmax(model(x.to(device)).float(), dim=1)
-        if tta:
-            p = 0.5 * (p + torch.softmax(model(x.flip(-1).to(device)).float(), dim=1).flip(-1))
-    return p.cpu()
+def tta_transforms(spec: dict) -> list[tuple[bool, float]]:
+    """(flip, zoom) pairs for test-time augmentation, identity first; only what training applied."""
+    aug = spec.get("augment") or {}
+    out = [(False, 1.0)]
+    if float(aug.get("flip_prob", 0)) > 0:
+        out.append((True, 1.0))
+    s = float(aug.get("scale", 0))
+    if s > 0:
+        out += [(False, 1.0 - s), (False, 1.0 + s)]
+    return out
+
+
+def _warp(x: torch.Tensor, flip: bool, zoom: float, inverse: bool, mode: str = "bilinear") -> torch.Tensor:
+    """Zoom about the centre by ``zoom`` (>1 magnifies) and optionally mirror columns; inverse undoes it."""
+    f = 1.0 / zoom if not inverse else zoom
+    sx = -f if flip else f
+    theta = torch.tensor([[sx, 0.0, 0.0], [0.0, f, 0.0]], dtype=x.dtype).expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def _probs(model, x: torch.Tensor, device, amp: bool, transforms=((False, 1.0),)) -> torch.Tensor:
+    """Softmax class probabilities of (B, C, H, W) input, averaged over the TTA transforms."""
+    acc, weight = None, None
+    for flip, zoom in transforms:
+        if not flip and zoom == 1.0:
+            with autocast(device, amp):
+                p = torch.softmax(model(x.to(device)).float(), dim=1).cpu()
+            w = torch.ones_like(p[:, :1])
+        elif zoom == 1.0:
+            with autocast(device, amp):
+                p = torch.softmax(model(x.flip(-1).to(device)).float(), dim=1).cpu().flip(-1)
+            w = torch.ones_like(p[:, :1])
+        else:
+            xa = _warp(x, flip, zoom, inverse=False)
+            with autocast(device, amp):
+                pa = torch.softmax(model(xa.to(device)).float(), dim=1).cpu()
+            p = _warp(pa, flip, zoom, inverse=True)
+            w = _warp(torch.ones_like(pa[:, :1]), flip, zoom, inverse=True)  # where this pass saw the slice
+        acc = p * w if acc is None else acc + p * w
+        weight = w if weight is None else weight + w
+    return acc / weight.clamp_min(1e-6)
 
 
 @torch.inference_mode()
-def segment(model, spec: dict, image: np.ndarray, zs: list[int], device: torch.device, box=None,
-            out_shape: tuple[int, int] | None = None, batch: int = 16, amp: bool = True,
-            tta: bool = False) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Yield (slice indices, uint8 labels) in batches for the slices ``zs`` of ``image`` (Z, S, S).
-
-    ``box`` (r0, r1, c0, c1 on the S grid) makes this a crop model: slices are cropped to it and the result is
-    pasted back (background outside).  Class scores are resized to ``out_shape`` before the argmax, so upsampled
-    labels follow the smooth score boundary rather than blocky nearest-neighbour steps.
-    """
+def slice_probs(model, spec: dict, image: np.ndarray, zs: list[int], device: torch.device, batch: int = 16,
+                amp: bool = True, tta: bool = False, out_size: int | None = None
+                ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Whole-slice model (A): yield (slice indices, probabilities (n, K, s, s)) with s = ``out_size`` (default:
+    the model's input size).  Slices are resized to the model's input, as in training."""
     size_in = spec["input_size"]
-    s = image.shape[-1]
-    out_shape = out_shape or (s, s)
+    transforms = tta_transforms(spec) if tta else [(False, 1.0)]
     for i in range(0, len(zs), batch):
         bz = zs[i : i + batch]
         x = _stack(image, bz, spec["context"])
-        if box is not None:
-            r0, r1, c0, c1 = box
-            x = F.interpolate(x[:, :, r0:r1, c0:c1], size=(size_in, size_in), mode="bilinear", align_corners=False)
-        elif size_in != s:
+        if x.shape[-1] != size_in:
             x = F.interpolate(x, size=(size_in, size_in), mode="bilinear", align_corners=False)
-        p = _probs(model, x, device, amp, tta)
-        if box is not None:
-            p = torch.stack([paste_back(q, box, s) for q in p])
-        if tuple(p.shape[-2:]) != tuple(out_shape):
-            p = F.interpolate(p, size=out_shape, mode="bilinear", align_corners=False)
-        yield bz, p.argmax(dim=1).to(torch.uint8).numpy()
+        p = _probs(model, x, device, amp, transforms)
+        if out_size and out_size != size_in:
+            p = F.interpolate(p, size=(out_size, out_size), mode="bilinear", align_corners=False)
+        yield bz, p
+
+
+def tile_region(box, size: int, patch: int) -> tuple[int, int, int, int]:
+    """Grow a box (r0, r1, c0, c1) on the S x S grid to at least ``patch`` per side (about its centre, kept inside
+    the slice when the slice is large enough): the region a fixed-scale crop model predicts."""
+    out = []
+    for a0, a1 in ((box[0], box[1]), (box[2], box[3])):
+        a0, a1 = max(0, int(a0)), min(size, int(a1))
+        if a1 - a0 < patch:
+            c = (a0 + a1) // 2
+            a0 = c - patch // 2
+            a0 = min(max(0, a0), max(0, size - patch))
+            a1 = min(size, a0 + patch)
+        out += [a0, a1]
+    return tuple(out)
+
+
+def _gaussian(patch: int) -> torch.Tensor:
+    """nnU-Net-style tile weight: centre pixels count more than edge pixels (sigma = patch / 8)."""
+    c = (patch - 1) / 2
+    g = torch.exp(-((torch.arange(patch) - c) ** 2) / (2 * (patch / 8) ** 2))
+    w = g[:, None] * g[None, :]
+    return (w / w.max()).clamp_min(1e-3)
+
+
+@torch.inference_mode()
+def tile_probs(model, spec: dict, image: np.ndarray, zs: list[int], region, device: torch.device,
+               batch: int = 16, amp: bool = True, tta: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Fixed-scale crop model (B): yield (slice indices, probabilities (n, K, h, w)) over ``region`` (r0, r1, c0, c1)
+    of the stored grid, from ``patch`` x ``patch`` tiles at stride patch / 2 with Gaussian weights.  The stored
+    grid is never rescaled, so B sees every case at the same pixel scale whatever the liver's size."""
+    p = int(spec["patch_size"])
+    r0, r1, c0, c1 = region
+    h, w = r1 - r0, c1 - c0
+    origins = [(r0 + a, c0 + b) for a in patch_grid(h, p) for b in patch_grid(w, p)]
+    gw = _gaussian(p)
+    transforms = tta_transforms(spec) if tta else [(False, 1.0)]
+    for i in range(0, len(zs), batch):
+        bz = zs[i : i + batch]
+        x = _stack(image, bz, spec["context"])
+        acc = torch.zeros((len(bz), spec["classes"], h, w))
+        cnt = torch.zeros((h, w))
+        for rr, cc in origins:
+            tile = torch.zeros((len(bz), x.shape[1], p, p))
+            src = x[:, :, rr : rr + p, cc : cc + p]  # may be short when the slice is smaller than the patch
+            tile[:, :, : src.shape[2], : src.shape[3]] = src
+            prob = _probs(model, tile, device, amp, transforms)
+            hh, ww = min(p, r1 - rr), min(p, c1 - cc)
+            acc[:, :, rr - r0 : rr - r0 + hh, cc - c0 : cc - c0 + ww] += prob[:, :, :hh, :ww] * gw[:hh, :ww]
+            cnt[rr - r0 : rr - r0 + hh, cc - c0 : cc - c0 + ww] += gw[:hh, :ww]
+        yield bz, acc / cnt
 
 
 @torch.inference_mode()
@@ -104,8 +189,6 @@ def segment_sequences(model, spec: dict, image: np.ndarray, device: torch.device
 @torch.inference_mode()
 def sliding_window_3d(model, spec: dict, image: np.ndarray, device: torch.device, amp: bool = True) -> np.ndarray:
     """V1: class probabilities (3, Z, S, S) float16 from overlapping patches (stride half a patch), averaged."""
-    from liverseg.data import patch_grid
-
     d, p = spec["patch"]
     n, h, w = image.shape
     acc = np.zeros((3, n, h, w), np.float32)

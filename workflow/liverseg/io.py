@@ -151,3 +151,24 @@ def save_nifti_like(arr: np.ndarray, geometry: Geometry, path, dtype=np.uint8) -
     img.set_sform(geometry.affine, code=1)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
+
+
+def content_sha256(path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (sorted by relative path, names included); "" if absent.
+
+    Recorded at preprocessing so that training can tell a corrected label under the same case id from the old
+    one without re-reading whole arrays."""
+    import hashlib
+
+    p = Path(path) if path is not None else None
+    if p is None or not p.exists():
+        return ""
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    for q in files:
+        if p.is_dir():
+            h.update(str(q.relative_to(p)).encode() + b"\0")
+        with open(q, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

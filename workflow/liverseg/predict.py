@@ -1,10 +1,9 @@
-"""Gated inference for one case: the classifier scores slices, model A segments the volume, model B refines the
-classifier-positive slices inside the liver region.  The label volume is written on the input's original grid.
+"""Inference for one preprocessed case: V2 (model A), V4 (the gated cascade, liverseg.cascade), V3, V1.
 
-Liver region for model B: the bounding box of model A's largest 3D liver component (26-connectivity), mapped to
-the slice grid and grown by the same margin model B was trained with (training used the reference liver box;
-at inference model A's liver stands in for it).  Fallback: when model A finds no liver there is no region to crop,
-so the case keeps model A's output everywhere and the log says so.
+Models run on the stored slice grid; the class probabilities of each batch of slices are resized to the input's
+canonical in-plane grid before the argmax, and the labels are written on the input's original grid and affine.
+The gate mode and test-time augmentation default to what was chosen on the validation cases (``selection`` in
+model_a's and model_b's model.json); ``gate``/``tta`` override it.
 """
 
 from __future__ import annotations
@@ -15,15 +14,18 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from liverseg.cascade import USE_B, cascade_batches, gate_slices, liver_region, run_a
 from liverseg.errors import CaseError
-from liverseg.inference import classify, resize_probs_to_slices, segment, segment_sequences, sliding_window_3d
+from liverseg.inference import classify, resize_probs_to_slices, segment_sequences, sliding_window_3d
 from liverseg.io import Geometry, atomic_path, save_nifti_like
 from liverseg.models import ModelFileError, load, resolve_device
-from liverseg.postprocess import largest_component
+from liverseg.roles import MODES
 
 log = logging.getLogger(__name__)
-MODES = ("cascade", "model_a", "v3_convlstm", "v1_3dcnn")
+CODE_NAMES = {0: "background", 1: "A", 2: "B"}
 
 
 def read_case(h5_path, case: str):
@@ -51,82 +53,95 @@ def check_compatible(spec: dict, attrs: dict, model_path) -> None:
         )
 
 
-def liver_box(vol_canonical: np.ndarray, size: int, margin: int) -> tuple[int, int, int, int] | None:
-    """Box (r0, r1, c0, c1) on the S x S slice grid around the largest 3D liver component, grown by margin."""
-    comp = largest_component(vol_canonical >= 1, connectivity=26)
-    if not comp.any():
-        return None
-    nx, ny, _ = comp.shape
-    xs = np.flatnonzero(comp.any(axis=(1, 2)))
-    ys = np.flatnonzero(comp.any(axis=(0, 2)))
-    r0, r1 = int(np.floor(ys[0] * size / ny)), int(np.ceil((ys[-1] + 1) * size / ny))
-    c0, c1 = int(np.floor(xs[0] * size / nx)), int(np.ceil((xs[-1] + 1) * size / nx))
-    return max(0, r0 - margin), min(size, r1 + margin), max(0, c0 - margin), min(size, c1 + margin)
+def _choice(value, spec: dict, key: str, default):
+    """An explicit setting wins; "auto" (or None) takes what was chosen on validation."""
+    if value not in (None, "auto"):
+        return value
+    return spec.get("selection", {}).get(key, default)
+
+
+def _tta_flag(value) -> bool | str:
+    if isinstance(value, str) and value in ("true", "false"):
+        return value == "true"
+    return value
 
 
 def predict_case(case: str, h5_path, model_dir, out_path, scores_path=None, mode: str = "cascade",
-                 device: str = "auto", tta: bool = False, batch: int = 16, amp: bool = True) -> dict:
+                 device: str = "auto", tta="auto", batch: int = 16, amp: bool = True, gate: str = "auto") -> dict:
     if mode not in MODES:
-        raise ValueError(f"unknown prediction mode {mode!r}; choose one of {MODES}")
+        raise ValueError(f"unknown prediction mode {mode!r}; choose one of {tuple(MODES)}")
     dev = resolve_device(device)
+    tta = _tta_flag(tta)
     image, geom, attrs, _ = read_case(h5_path, case)
     model_dir = Path(model_dir)
-    first = mode if mode in ("v3_convlstm", "v1_3dcnn") else "model_a"
-    model_a, spec_a = load(model_dir / first / "model.pt", device=dev)
-    check_compatible(spec_a, attrs, model_dir / first / "model.pt")
+    loaded = {}
+    for role in MODES[mode]:
+        path = model_dir / role / "model.pt"
+        loaded[role] = load(path, device=dev)
+        check_compatible(loaded[role][1], attrs, path)
     nx, ny, nz = (int(v) for v in attrs["canonical_shape"])
     size = int(attrs["size"])
-
     vol = np.zeros((nx, ny, nz), np.uint8)
+    scores = np.full(nz, np.nan, np.float32)
+    codes = np.ones(nz, np.int8)
+    a_liver = np.zeros(nz, np.int64)
+    summary = {"case": case, "mode": mode, "slices": nz}
+
+    def put(zs, probs):
+        if tuple(probs.shape[-2:]) != (ny, nx):
+            probs = F.interpolate(probs, size=(ny, nx), mode="bilinear", align_corners=False)
+        vol[:, :, zs] = np.transpose(probs.argmax(dim=1).to(torch.uint8).numpy(), (2, 1, 0))
+
     if mode == "v1_3dcnn":
-        probs = sliding_window_3d(model_a, spec_a, image, dev, amp=amp)
+        model, spec = loaded["v1_3dcnn"]
+        probs = sliding_window_3d(model, spec, image, dev, amp=amp)
         for z0 in range(0, nz, batch):
             zs = list(range(z0, min(nz, z0 + batch)))
             vol[:, :, zs] = np.transpose(resize_probs_to_slices(probs, zs, (ny, nx)), (2, 1, 0))
         del probs
-    else:
-        batches = (segment_sequences(model_a, spec_a, image, dev, out_shape=(ny, nx), amp=amp) if mode == "v3_convlstm"
-                   else segment(model_a, spec_a, image, list(range(nz)), dev, out_shape=(ny, nx), batch=batch,
-                                amp=amp, tta=tta))
-        for zs, lab in batches:
+    elif mode == "v3_convlstm":
+        model, spec = loaded["v3_convlstm"]
+        for zs, lab in segment_sequences(model, spec, image, dev, out_shape=(ny, nx), amp=amp):
             vol[:, :, zs] = np.transpose(lab, (2, 1, 0))
-    a_liver = (vol >= 1).sum(axis=(0, 1))
-    scores = np.full(nz, np.nan, np.float32)
-    gated = np.zeros(nz, bool)
-    box = None
-    if mode == "cascade":
-        clf, spec_c = load(model_dir / "classifier" / "model.pt", device=dev)
-        check_compatible(spec_c, attrs, model_dir / "classifier" / "model.pt")
-        model_b, spec_b = load(model_dir / "model_b" / "model.pt", device=dev)
-        check_compatible(spec_b, attrs, model_dir / "model_b" / "model.pt")
-        scores = classify(clf, spec_c, image, dev, amp=amp)
-        positive = scores >= spec_c["threshold"]
-        box = liver_box(vol, size, int(spec_b["crop_margin"]))
-        if box is None:
-            log.warning("case %s: model A found no liver; keeping model A's output (no region for model B)", case)
-        elif positive.any():
-            gated = positive
-            # The box on the S grid, in canonical voxel units, to replace model A's result only inside it.
-            x0, x1 = int(np.floor(box[2] * nx / size)), int(np.ceil(box[3] * nx / size))
-            y0, y1 = int(np.floor(box[0] * ny / size)), int(np.ceil(box[1] * ny / size))
-            for zs, lab in segment(model_b, spec_b, image, [int(z) for z in np.flatnonzero(positive)], dev, box=box,
-                                   out_shape=(ny, nx), batch=batch, amp=amp, tta=tta):
-                lab_c = np.transpose(lab, (2, 1, 0))
-                vol[x0:x1, y0:y1, zs] = lab_c[x0:x1, y0:y1]
+    else:
+        model_a, spec_a = loaded["model_a"]
+        tta_a = bool(_choice(tta, spec_a, "tta", False))
+        a = run_a(model_a, spec_a, image, dev, batch=batch, amp=amp, tta=tta_a)
+        summary["tta_a"] = tta_a
+        region = None
+        if mode == "cascade":
+            clf, spec_c = loaded["classifier"]
+            model_b, spec_b = loaded["model_b"]
+            g = _choice(gate, spec_b, "gate", "route")
+            tta_b = bool(_choice(tta, spec_b, "tta", False))
+            scores = classify(clf, spec_c, image, dev, amp=amp)
+            present, region, zrange = liver_region(a.labels, int(spec_b["crop_margin"]), int(spec_b["z_margin"]),
+                                                   int(spec_b["patch_size"]))
+            if region is None:
+                log.warning("case %s: model A found no liver; no slice goes to model B", case)
+            codes = gate_slices(scores, float(spec_c["threshold"]), present, zrange, g)
+            summary.update(gate=g, tta_b=tta_b, threshold=float(spec_c["threshold"]), region=region, z_range=zrange)
+            for zs, probs in cascade_batches(image, a, codes, region, model_b, spec_b, dev, batch=batch, amp=amp,
+                                             tta=tta_b):
+                put(zs, probs)
+        else:
+            for z0 in range(0, nz, batch):
+                zs = list(range(z0, min(nz, z0 + batch)))
+                put(zs, a.probs(zs, size))
+        a_liver = (a.labels >= 1).sum(axis=(1, 2))
     save_nifti_like(vol, geom, out_path)
+    final = (vol >= 1).sum(axis=(0, 1))
     if scores_path:
         with atomic_path(scores_path) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.writer(fh, delimiter="\t")
-            w.writerow(["slice", "classifier_score", "model", "model_a_liver_voxels", "final_liver_voxels"])
-            final = (vol >= 1).sum(axis=(0, 1))
+            w.writerow(["slice", "classifier_score", "source", "model_a_liver_pixels_stored_grid", "final_liver_voxels"])
             for z in range(nz):
-                w.writerow([z, "" if np.isnan(scores[z]) else f"{scores[z]:.5f}", "B" if gated[z] else "A",
-                            int(a_liver[z]), int(final[z])])
-    summary = {"case": case, "mode": mode, "slices": nz, "slices_to_b": int(gated.sum()), "box": box,
-               "liver_voxels": int((vol >= 1).sum()), "tumour_voxels": int((vol == 2).sum())}
+                w.writerow([z, "" if np.isnan(scores[z]) else f"{scores[z]:.5f}", CODE_NAMES[int(codes[z])],
+                            int(a_liver[z]) if mode in ("cascade", "model_a") else "", int(final[z])])
+    summary.update(slices_to_b=int((codes == USE_B).sum()), liver_voxels=int((vol >= 1).sum()),
+                   tumour_voxels=int((vol == 2).sum()))
     log.info("case %s: %s", case, summary)
     return summary
-
 
 
 # ---------------------------------------------------------------------------------------------- new scans
@@ -138,8 +153,8 @@ def _scan_id(path: Path) -> str:
     return name
 
 
-def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: str = "auto", tta: bool = False,
-                 batch: int = 16, postprocess: bool = True, connectivity: int = 26) -> dict:
+def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: str = "auto", tta="auto",
+                 batch: int = 16, postprocess: bool = True, connectivity: int = 26, gate: str = "auto") -> dict:
     """Segment one scan (NIfTI file or DICOM series folder) with trained models; write a label NIfTI.
 
     The scan is preprocessed with the window and slice size the models were trained with (read from
@@ -164,7 +179,7 @@ def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: st
                         size=int(spec["slice_size"]))
         raw = Path(tmp) / "raw.nii.gz"
         s = predict_case(case, h5, model_dir, raw if postprocess else out_path, mode=mode, device=device, tta=tta,
-                         batch=batch)
+                         batch=batch, gate=gate)
         if postprocess:
             postprocess_case(case, raw, out_path, connectivity=connectivity)
     return s

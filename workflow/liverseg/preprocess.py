@@ -7,7 +7,8 @@ HDF5 layout (one file per case; documented in the README):
   liver_bbox      (Z, 4) int32 [row0, row1, col0, col1] (half-open, resized grid), -1 where no liver
   attrs: case_id, source_image, source_label, original_shape, spacing (original axes), canonical_spacing,
          affine, ornt, axcodes, window_mode, window_lower, window_upper, size, resize_factors, liver_bbox_3d
-         [z0, z1, r0, r1, c0, c1] or -1s, labelled, pipeline_version
+         [z0, z1, r0, r1, c0, c1] or -1s, labelled, pipeline_version, source_image_sha256,
+         source_label_sha256 (what training's resume key hashes)
 Z runs inferior -> superior in the canonical RAS grid; slice z is ``canonical[:, :, z].T``.
 """
 
@@ -22,7 +23,7 @@ from scipy import ndimage
 
 from liverseg import __version__
 from liverseg.errors import CaseError
-from liverseg.io import atomic_path, geometry_of, load_nifti, read_raw
+from liverseg.io import atomic_path, content_sha256, geometry_of, load_nifti, read_raw
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,8 @@ def preprocess_case(
         a["resize_factors"] = np.array([size / ny, size / nx])
         a["liver_bbox_3d"] = np.array(bbox3d, np.int64)
         a["pipeline_version"] = __version__
+        a["source_image_sha256"] = content_sha256(image_path)
+        a["source_label_sha256"] = content_sha256(label_path) if label_path is not None else ""
     summary = {
         "case": case,
         "slices": int(nz),

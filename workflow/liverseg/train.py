@@ -1,14 +1,22 @@
-"""Training of the slice classifier and the two UNet++ specialists (model A: all slices, model B: liver crops).
+"""Training of every model role in liverseg.roles (slice classifier, UNet++ A on whole slices, UNet++ B on
+fixed-scale liver patches, and the V1/V3 variants).
 
-Checkpoints: after every epoch ``<checkpoint_dir>/last.pt`` holds model, optimiser, scheduler, epoch, history and the
-best weights so far.  A rerun with the same config hash resumes from it; a different config starts afresh.
-Randomness (sampling, augmentation, torch's global RNG) is re-derived from (seed, epoch) at each epoch start,
-so a resumed run produces the same weights as an uninterrupted one, and two runs with one seed on CPU are equal.
+Checkpoints: after every epoch ``<checkpoint_dir>/last.pt`` holds model, optimiser, scheduler, epoch, history and
+the best weights so far.  A rerun resumes from it only when its resume key matches: the role's own config, the
+identity of every training and validation case (the source files' sha256 and the pipeline version, recorded as
+HDF5 attributes at preprocessing), the models the role depends on and the package version.  A finished training
+removes ``last.pt`` when it writes ``model.pt``, so a forced rerun trains every epoch again.
+Randomness (sampling, patch placement, augmentation, torch's global RNG) is re-derived from (seed, epoch, draw) at
+each epoch start, so a resumed run produces the same weights as an uninterrupted one.
 
-Best checkpoint criterion (validation cases, per-case means, never pixel-pooled):
-- segmenters: mean over cases of (liver Dice + tumour Dice) / 2, with the empty-mask convention of metrics.py;
-- classifier: balanced accuracy at the threshold that maximises Youden's J (sensitivity + specificity - 1);
-  that threshold is stored with the model and used for gating.
+Best epoch, on the validation cases only:
+- segmenters: mean of liver Dice and tumour Dice, each pooled over every validation voxel (a per-case mean with
+  "both empty = 1" would reward never predicting tumour);  model B is validated through the cascade: model A's
+  liver region and z-range, the classifier's gate, B on the slices the gate sends it;
+- classifier: balanced accuracy at the highest threshold that keeps slice sensitivity >= ``min_sensitivity``
+  (0.99); that threshold is stored with the model and used for gating.
+After training, test-time augmentation (A, B) and the gate mode (B) are chosen on the same validation cases and
+stored in model.json under ``selection``; test cases never take part.
 """
 
 from __future__ import annotations
@@ -30,31 +38,57 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from liverseg import __version__
-from liverseg.data import (PatchDataset, SequenceDataset, SliceDataset, augment, crop_box, epoch_indices,
-                           index_cases, patch_grid)
-from liverseg.inference import classify, resize_probs_to_slices, segment, segment_sequences, sliding_window_3d
-from liverseg.io import atomic_path
-from liverseg.metrics import liver_tumour_dice
 from liverseg import models as M
+from liverseg.cascade import PooledDice, b_counts, dice_of, prepare_val_case
+from liverseg.data import (LiverPatchDataset, PatchDataset, SequenceDataset, SliceDataset, augment, epoch_draws,
+                           index_cases, patch_grid)
+from liverseg.inference import classify, resize_probs_to_slices, segment_sequences, slice_probs, sliding_window_3d
+from liverseg.inference import tta_transforms
+from liverseg.io import atomic_path
+from liverseg.roles import GATES, ROLES
 
 log = logging.getLogger(__name__)
-ROLES = ("classifier", "model_a", "model_b", "v3_convlstm", "v1_3dcnn")
-KINDS = {"classifier": "classifier", "model_a": "segmenter", "model_b": "segmenter", "v3_convlstm": "convlstm",
-         "v1_3dcnn": "unet3d"}
 
 
-def config_hash(cfg: dict, role: str, split: dict) -> str:
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resume_key(cfg: dict, role: str, split: dict, cases: list, needs: dict | None = None) -> str:
+    """What a checkpoint must match to be resumed (see the module docstring)."""
     relevant = {
         "window": cfg["window"], "slices": cfg["slices"], "role": role, "model": cfg["train"][role],
         "common": {k: v for k, v in cfg["train"].items() if k not in ROLES and k not in ("device", "workers")},
+        "predict_gate": cfg["predict"]["gate"] if role == "model_b" else None,
         "train_cases": split["train"], "val_cases": split["val"],
+        "data": [c.identity for c in cases],
+        "needs": {r: file_sha256(p) for r, p in sorted((needs or {}).items())},
+        "package_version": __version__,
     }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _mm_per_pixel(cases, input_size: int | None) -> dict:
+    """In-plane mm per pixel of the stored slices and at the model's input (median, min, max over cases)."""
+    vals = []
+    for c in cases:
+        with h5py.File(c.path, "r") as f:
+            sp, shp, size = f.attrs["canonical_spacing"], f.attrs["canonical_shape"], int(f.attrs["size"])
+        fov = max(float(sp[0]) * int(shp[0]), float(sp[1]) * int(shp[1]))
+        vals.append(fov / (input_size or size))
+    if not vals:
+        return {}
+    return {"median": round(float(np.median(vals)), 4), "min": round(float(min(vals)), 4),
+            "max": round(float(max(vals)), 4)}
 
 
 def make_spec(cfg: dict, role: str) -> dict:
     m = cfg["train"][role]
-    kind = KINDS[role]
+    kind = ROLES[role]["kind"]
     context = 0 if kind == "unet3d" else cfg["slices"]["context"]
     spec = {
         "role": role,
@@ -70,10 +104,16 @@ def make_spec(cfg: dict, role: str) -> dict:
         "input_size": m.get("input_size") or cfg["slices"]["size"],
         "slice_size": cfg["slices"]["size"],
         "window": dict(cfg["window"]),
-        "crop": role == "model_b",
-        "crop_margin": cfg["train"]["model_b"]["crop_margin"] if role == "model_b" else None,
+        "augment": dict(cfg["train"]["augment"]),
         "pipeline_version": __version__,
     }
+    if role == "model_b":
+        # B works on the stored grid at a fixed scale: its input is a patch of it, never a resized crop.
+        spec["patch_size"] = min(int(m["patch_size"]), int(cfg["slices"]["size"]))
+        spec["input_size"] = spec["patch_size"]
+        spec["crop_margin"] = int(m["crop_margin"])
+        spec["z_margin"] = int(m["z_margin"])
+        spec["box_shift"] = int(m["box_shift"])
     if kind in ("segmenter", "convlstm"):
         spec["decoder_channels"] = list(m["decoder_channels"])[: m["encoder_depth"]]
     if kind == "convlstm":
@@ -86,7 +126,9 @@ def make_spec(cfg: dict, role: str) -> dict:
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - mean soft Dice over the foreground classes, pooled over the batch (2D or 3D logits (B, K, ...))."""
+    """1 - mean soft Dice over the foreground classes, pooled over the batch (2D or 3D logits (B, K, ...)).
+
+    Liver and tumour weigh equally, whatever their voxel counts: the tumour-aware half of the loss."""
     probs = torch.softmax(logits.float(), dim=1)[:, 1:]
     onehot = torch.movedim(F.one_hot(target, logits.shape[1]), -1, 1).float()[:, 1:]
     dims = (0,) + tuple(range(2, logits.dim()))
@@ -95,22 +137,26 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     return 1 - ((2 * inter + eps) / (denom + eps)).mean()
 
 
-def youden_threshold(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Threshold maximising sensitivity + specificity - 1, and the balanced accuracy there."""
-    pos, neg = truth.sum(), (~truth).sum()
-    if pos == 0 or neg == 0:
+def sensitivity_threshold(scores: np.ndarray, truth: np.ndarray, min_sensitivity: float = 0.99
+                          ) -> tuple[float, float]:
+    """The highest threshold whose slice sensitivity is >= ``min_sensitivity``, and the balanced accuracy there.
+
+    The gate may only drop liver slices rarely: a missed slice is lost liver, a false positive costs little."""
+    pos, neg = int(truth.sum()), int((~truth).sum())
+    if pos == 0:
         return 0.5, float(((scores >= 0.5) == truth).mean())
-    best_t, best_j = 0.5, -1.0
-    for t in np.unique(np.concatenate([scores, [0.5]])):
-        pred = scores >= t
-        sens = (pred & truth).sum() / pos
-        spec = (~pred & ~truth).sum() / neg
-        if sens + spec - 1 > best_j:
-            best_t, best_j = float(t), float(sens + spec - 1)
-    return best_t, (best_j + 1) / 2
+    ps = np.sort(scores[truth])
+    # keep at least ceil(min_sensitivity * pos) positives: the threshold is the score of the k-th largest
+    k = int(math.ceil(min_sensitivity * pos - 1e-9))
+    thr = float(ps[pos - k]) if k > 0 else float(ps[-1]) + 1e-6
+    pred = scores >= thr
+    sens = (pred & truth).sum() / pos
+    spec = (~pred & ~truth).sum() / neg if neg else 1.0
+    return thr, float((sens + spec) / 2)
 
 
 def _items_and_groups(cases, role: str, spec: dict):
+    """Dataset items and sampling groups: (items, [groups], each group a list of item indices)."""
     items, liver, other, tumour = [], [], [], []
     if role == "v3_convlstm":
         t = spec["seq_len"]
@@ -135,9 +181,12 @@ def _items_and_groups(cases, role: str, spec: dict):
                         (liver if hit else other).append(i)
         return items, liver, other, tumour
     for k, c in enumerate(cases):
-        for z in range(c.n_slices):
-            if role == "model_b" and not c.liver[z]:
-                continue
+        if role == "model_b":
+            zr = c.liver_zrange(spec["z_margin"])
+            zs = range(zr[0], zr[1]) if zr else []
+        else:
+            zs = range(c.n_slices)
+        for z in zs:
             i = len(items)
             items.append((k, z))
             (liver if c.liver[z] else other).append(i)
@@ -147,63 +196,97 @@ def _items_and_groups(cases, role: str, spec: dict):
 
 
 def _sampling(role: str, m: dict, liver, other, tumour, n_items: int):
+    """Groups and their shares of each epoch.  Model B's first group is the tumour group (its patches are
+    centred on tumour); every segmenter oversamples tumour slices."""
     everything = list(range(n_items))
-    if role == "classifier":
+    sampler = ROLES[role]["sampler"]
+    if sampler == "liver_balanced":
         groups, fracs = [liver, other], [0.5, 0.5]
-    elif role in ("model_a", "v3_convlstm", "v1_3dcnn"):
-        groups, fracs = [liver, everything], [m["liver_fraction"], 1 - m["liver_fraction"]]
-    else:
+    elif sampler == "tumour_patch":
         groups, fracs = [tumour, everything], [m["tumour_fraction"], 1 - m["tumour_fraction"]]
+    else:
+        lf, tf = m["liver_fraction"], m.get("tumour_fraction", 0.0)
+        if lf + tf > 1:
+            lf = 1 - tf
+        groups, fracs = [tumour, liver, everything], [tf, lf, 1 - lf - tf]
     keep = [(g, f) for g, f in zip(groups, fracs) if g and f > 0]
     total = sum(f for _, f in keep)
-    return [g for g, _ in keep], [f / total for _, f in keep]
+    if sampler == "tumour_patch" and not tumour:
+        keep = [([], 0.0)] + keep  # group 0 stays "tumour-centred", empty
+    return [g for g, _ in keep], [f / total if total else 0.0 for _, f in keep]
 
 
-def validate(model, spec, role, val_cases, device, amp) -> dict:
+# ---------------------------------------------------------------------------------------------- validation
+def _read(path, label: bool = True):
+    with h5py.File(path, "r") as f:
+        return f["image"][:], (f["label"][:] if label else None)
+
+
+def _volume_counts(model, spec, role, path, device, amp, tta=False) -> np.ndarray:
+    """Pooled counts of one validation case segmented by a whole-volume model, on the stored grid."""
+    image, label = _read(path)
+    n, size = image.shape[0], image.shape[-1]
+    pred = np.zeros_like(label)
+    if role == "v3_convlstm":
+        for bz, lab in segment_sequences(model, spec, image, device, amp=amp):
+            pred[bz] = lab
+    elif role == "v1_3dcnn":
+        probs = sliding_window_3d(model, spec, image, device, amp=amp)
+        pred = resize_probs_to_slices(probs, list(range(n)), label.shape[1:])
+    else:
+        for bz, p in slice_probs(model, spec, image, list(range(n)), device, amp=amp, tta=tta, out_size=size):
+            pred[bz] = p.argmax(dim=1).to(torch.uint8).numpy()
+    pd = PooledDice()
+    pd.add(pred, label)
+    return pd.counts
+
+
+def _dice_row(pd: PooledDice) -> dict:
+    ld, td = pd.dice()
+    return {"val_liver_dice": ld, "val_tumour_dice": td, "score": pd.score()}
+
+
+def validate(model, spec, role, val_cases, device, amp, ctx: dict | None = None) -> dict:
     model.eval()
     if role == "classifier":
         scores, truth = [], []
         for c in val_cases:
-            with h5py.File(c.path, "r") as f:
-                image = f["image"][:]
+            image, _ = _read(c.path, label=False)
             scores.append(classify(model, spec, image, device, amp=amp))
             truth.append(c.liver.astype(bool))
         s, t = np.concatenate(scores), np.concatenate(truth)
-        thr, bacc = youden_threshold(s, t)
+        thr, bacc = sensitivity_threshold(s, t, ctx["min_sensitivity"])
         bce = float(F.binary_cross_entropy(torch.from_numpy(s).clamp(1e-6, 1 - 1e-6), torch.from_numpy(t).float()))
         return {"val_loss": bce, "val_balanced_accuracy": bacc, "threshold": thr, "score": bacc}
-    liver_d, tumour_d = [], []
-    for c in val_cases:
-        with h5py.File(c.path, "r") as f:
-            image, label = f["image"][:], f["label"][:]
-        if role in ("v3_convlstm", "v1_3dcnn"):
-            pred = np.zeros_like(label)
-            if role == "v3_convlstm":
-                for bz, lab in segment_sequences(model, spec, image, device, amp=amp):
-                    pred[bz] = lab
-            else:
-                probs = sliding_window_3d(model, spec, image, device, amp=amp)
-                pred = resize_probs_to_slices(probs, list(range(c.n_slices)), label.shape[1:])
-            ld, td = liver_tumour_dice(pred, label)
-            liver_d.append(ld)
-            tumour_d.append(td)
-            continue
-        if role == "model_b":
-            zs = [int(z) for z in np.flatnonzero(c.liver)]
-            if not zs:
-                continue
-            box = crop_box(c.bbox3d, c.size, spec["crop_margin"])
-        else:
-            zs, box = list(range(c.n_slices)), None
-        pred = np.zeros((len(zs),) + label.shape[1:], np.uint8)
-        pos = {z: i for i, z in enumerate(zs)}
-        for bz, lab in segment(model, spec, image, zs, device, box=box, amp=amp):
-            pred[[pos[z] for z in bz]] = lab
-        ld, td = liver_tumour_dice(pred, label[zs])
-        liver_d.append(ld)
-        tumour_d.append(td)
-    ld, td = float(np.mean(liver_d)) if liver_d else 0.0, float(np.mean(tumour_d)) if tumour_d else 0.0
-    return {"val_liver_dice": ld, "val_tumour_dice": td, "score": (ld + td) / 2}
+    total = np.zeros((2, 3), np.int64)
+    if role == "model_b":
+        for vc in ctx["val_prepared"]:
+            total += vc.base[ctx["gate"]] + b_counts(vc, model, spec, device, amp)
+    else:
+        for c in val_cases:
+            total += _volume_counts(model, spec, role, c.path, device, amp)
+    return _dice_row(dice_of(total))
+
+
+def _select(model, spec, role, val_cases, device, amp, ctx) -> dict:
+    """Choose TTA (A, B) and the gate (B) on the validation cases, with the best weights."""
+    ttas = [False, True] if len(tta_transforms(spec)) > 1 else [False]
+    table = []
+    if role == "model_a":
+        for tta in ttas:
+            pd = dice_of(sum(_volume_counts(model, spec, role, c.path, device, amp, tta) for c in val_cases))
+            table.append({"tta": tta, **_dice_row(pd)})
+    else:
+        b = {tta: [b_counts(vc, model, spec, device, amp, tta) for vc in ctx["val_prepared"]] for tta in ttas}
+        for gate in ctx["gates"]:
+            for tta in ttas:
+                total = sum(vc.base[gate] + bc for vc, bc in zip(ctx["val_prepared"], b[tta]))
+                table.append({"gate": gate, "tta": tta, **_dice_row(dice_of(total))})
+    best = max(table, key=lambda r: r["score"])  # first of equals: no TTA, the study's routing
+    out = {k: best[k] for k in ("gate", "tta") if k in best}
+    out["table"] = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in table]
+    out["criterion"] = "mean of liver and tumour Dice pooled over the validation voxels"
+    return out
 
 
 class _LineWriter:
@@ -262,9 +345,29 @@ def _write_csv(history: list[dict], path: Path) -> None:
         w.writerows(history)
 
 
+def _load_needs(role: str, needs: dict | None, device) -> dict:
+    missing = [r for r in ROLES[role]["needs"] if not needs or r not in needs]
+    if missing:
+        raise ValueError(f"{role} is validated through the cascade and needs trained model(s) {missing}")
+    return {r: M.load(needs[r], device=device) for r in ROLES[role]["needs"]}
+
+
+def _prepare_cascade_validation(cfg, spec, val_cases, models, device, amp) -> dict:
+    """Model A and the classifier run once on each validation case; B's epochs then only run B."""
+    gate_cfg = cfg["predict"]["gate"]
+    gates = list(GATES) if gate_cfg == "auto" else [gate_cfg]
+    spec_a, spec_c = models["model_a"][1], models["classifier"][1]
+    a_tta = bool(spec_a.get("selection", {}).get("tta", False))
+    prepared = [prepare_val_case(c.path, models, spec_c["threshold"], spec["crop_margin"], spec["z_margin"],
+                                 spec["patch_size"], gates, device, amp, a_tta=a_tta) for c in val_cases]
+    return {"val_prepared": prepared, "gates": gates, "gate": "route" if gate_cfg == "auto" else gate_cfg}
+
+
 def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, checkpoint_dir,
-          threads: int = 1) -> dict:
-    """Train one model; write model.pt, model.json, log.csv and curves.png into ``out_dir``."""
+          threads: int = 1, needs: dict[str, str] | None = None) -> dict:
+    """Train one model; write model.pt, model.json, log.csv and curves.png into ``out_dir``.
+
+    ``needs``: role -> model.pt of the trained models this role depends on (liverseg.roles, column ``needs``)."""
     if role not in ROLES:
         raise ValueError(f"unknown model role {role!r}")
     tc, m = cfg["train"], cfg["train"][role]
@@ -280,19 +383,31 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
     if not val_cases:
         log.warning("%s: no validation cases; the last epoch is kept", role)
     spec = make_spec(cfg, role)
-    chash = config_hash(cfg, role, split)
-    spec["config_hash"] = chash
+    key = resume_key(cfg, role, split, train_cases + val_cases, needs)
+    spec["config_hash"] = key
+    spec["mm_per_pixel_stored"] = _mm_per_pixel(train_cases, None)
+    spec["mm_per_pixel_input"] = _mm_per_pixel(train_cases, None if role == "model_b" else spec["input_size"])
     items, liver, other, tumour = _items_and_groups(train_cases, role, spec)
-    if not items or (role not in ("model_b",) and not liver):
+    if not items or (role != "model_b" and not liver):
         raise ValueError(f"{role}: the training cases hold no {'liver ' if role != 'classifier' else ''}slices to learn from")
     groups, fracs = _sampling(role, m, liver, other, tumour, len(items))
-    if role == "v3_convlstm":
+    data = ROLES[role]["data"]
+    if data == "sequence":
         dataset = SequenceDataset(train_cases, items, spec["context"], spec["input_size"], spec["seq_len"])
-    elif role == "v1_3dcnn":
+    elif data == "patch3d":
         dataset = PatchDataset(train_cases, items, tuple(spec["patch"]))
+    elif data == "liver_patch":
+        dataset = LiverPatchDataset(train_cases, items, spec["context"], spec["patch_size"], spec["crop_margin"],
+                                    spec["box_shift"])
     else:
-        dataset = SliceDataset(train_cases, items, spec["context"], spec["input_size"],
-                               crop_margin=spec["crop_margin"] if role == "model_b" else None)
+        dataset = SliceDataset(train_cases, items, spec["context"], spec["input_size"])
+
+    ctx = {"min_sensitivity": float(tc["min_sensitivity"])}
+    if ROLES[role]["needs"]:
+        models = _load_needs(role, needs, device)
+        if val_cases:
+            ctx.update(_prepare_cascade_validation(cfg, spec, val_cases, models, device, amp))
+        del models
 
     torch.manual_seed(seed)
     model = M.build(spec).to(device)
@@ -308,34 +423,36 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
         except Exception as exc:  # noqa: BLE001 - a damaged checkpoint only costs a fresh start
             log.warning("%s: ignoring unreadable checkpoint %s (%s)", role, ckpt_path, str(exc).splitlines()[0])
             ck = None
-        if ck is not None and ck.get("config_hash") == chash:
+        if ck is not None and ck.get("config_hash") == key:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
             start_epoch, history, best = int(ck["epoch"]), list(ck["history"]), ck["best"]
             log.info("%s: resuming from checkpoint after epoch %d (%s)", role, start_epoch, ckpt_path)
         elif ck is not None:
-            log.info("%s: checkpoint %s is from another config; starting afresh", role, ckpt_path)
+            log.info("%s: checkpoint %s has another resume key (config, data, code or needed models changed); "
+                     "starting afresh", role, ckpt_path)
 
     patience = int(tc["early_stopping_patience"])
+    kind = ROLES[role]["kind"]
     for epoch in range(start_epoch, m["epochs"]):
         torch.manual_seed(seed * 100003 + epoch)
         gen = torch.Generator().manual_seed(seed * 100003 + epoch)
-        idx = epoch_indices(groups, fracs, m["samples_per_epoch"], seed, epoch)
+        draws = epoch_draws(groups, fracs, m["samples_per_epoch"], seed, epoch)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=m["batch_size"], sampler=idx, num_workers=tc["workers"], drop_last=True,
+            dataset, batch_size=m["batch_size"], sampler=draws, num_workers=tc["workers"], drop_last=True,
             persistent_workers=False,
         )
         model.train()
         t0, seen, loss_sum, n_batches = time.time(), 0, 0.0, 0
         bar = _progress(loader, f"{role} epoch {epoch + 1}/{m['epochs']}")
+        aug = tc["augment"]
         for x, y, has_liver in bar:
-            aug = tc["augment"]
-            if role == "v1_3dcnn":  # 3D patches: intensity jitter only
+            if kind == "unet3d":  # 3D patches: intensity jitter only
                 gain = 1 + (torch.rand(x.shape[0], 1, 1, 1, 1, generator=gen) * 2 - 1) * aug["intensity"]
                 x = x * gain
-            elif role == "v3_convlstm":
-                b, t = x.shape[:2]
+            elif kind == "convlstm":
+                t = x.shape[1]
                 xa, ya = augment(x.flatten(0, 1), y.flatten(0, 1), gen, aug["rotate_deg"], aug["scale"],
                                  aug["intensity"], aug["flip_prob"], group=t)
                 x, y = xa.view(x.shape), ya
@@ -345,9 +462,9 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
             x = x.to(device, non_blocking=True)
             with M.autocast(device, amp):
                 out = model(x)
-                if role == "v3_convlstm":
+                if kind == "convlstm":
                     out = out.flatten(0, 1)
-                if role == "classifier":
+                if ROLES[role]["loss"] == "bce":
                     loss = F.binary_cross_entropy_with_logits(out.float(), has_liver.to(device))
                 else:
                     y = y.to(device)
@@ -360,13 +477,13 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
             scaler.update()
             loss_sum += float(loss.detach())
             n_batches += 1
-            seen += x.shape[0] * (x.shape[1] if role == "v3_convlstm" else x.shape[2] if role == "v1_3dcnn" else 1)
+            seen += x.shape[0] * (x.shape[1] if kind == "convlstm" else x.shape[2] if kind == "unet3d" else 1)
             bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
         bar.close()
         lr = opt.param_groups[0]["lr"]
         sched.step()
         train_s = time.time() - t0
-        val = validate(model, spec, role, val_cases, device, amp) if val_cases else {"score": float(epoch)}
+        val = validate(model, spec, role, val_cases, device, amp, ctx) if val_cases else {"score": float(epoch)}
         row = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(n_batches, 1), 6), "lr": lr,
                **{k: round(v, 6) for k, v in val.items() if k != "score"},
                "seconds": round(time.time() - t0, 2), "slices_per_s": round(seen / max(train_s, 1e-9), 2)}
@@ -375,7 +492,7 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
         if val["score"] > best["score"]:
             best = {"score": float(val["score"]), "state": copy.deepcopy(model.state_dict()), "epoch": epoch + 1,
                     "val": {k: float(v) for k, v in val.items()}}
-        ck = {"config_hash": chash, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        ck = {"config_hash": key, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
               "scheduler": sched.state_dict(), "history": history, "best": best}
         with atomic_path(ckpt_path) as tmp:
             torch.save(ck, tmp)
@@ -387,16 +504,24 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
     model.load_state_dict(best["state"])
     spec.update({
         "best_epoch": best["epoch"], "epochs_run": len(history), "seed": seed,
-        "criterion": "balanced accuracy at Youden threshold" if role == "classifier"
-        else "mean per-case (liver Dice + tumour Dice) / 2",
+        "criterion": ("balanced accuracy at the highest threshold with slice sensitivity >= "
+                      f"{ctx['min_sensitivity']}" if role == "classifier"
+                      else "mean of liver and tumour Dice pooled over the validation voxels"
+                      + (" (through the cascade)" if role == "model_b" else "")),
         "validation": best["val"], "train_cases": split["train"], "val_cases": split["val"],
         "torch_version": torch.__version__,
     })
     if role == "classifier":
         spec["threshold"] = float(best["val"].get("threshold", 0.5))
+    if val_cases and role in ("model_a", "model_b"):
+        spec["selection"] = _select(model, spec, role, val_cases, device, amp, ctx)
+        log.info("%s: chosen on validation: %s", role, json.dumps({k: v for k, v in spec["selection"].items()
+                                                                   if k != "table"}))
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(history, out_dir / "log.csv")
     _plot(history, out_dir / "curves.png", role)
     M.save(model.cpu(), spec, out_dir / "model.pt", out_dir / "model.json")
+    # A finished training is never resumed: a forced rerun must train again, not hand back these weights.
+    ckpt_path.unlink(missing_ok=True)
     log.info("%s: best epoch %d, %s", role, best["epoch"], json.dumps(best["val"]))
     return spec

@@ -10,6 +10,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from liverseg.ingest import discover  # noqa: E402
+from liverseg.roles import EXPERIMENTS, MODES, ROLES  # noqa: E402
 from liverseg.runenv import configure  # noqa: E402
 
 configure(workflow.basedir)
@@ -85,9 +86,15 @@ def all_targets(wildcards):
 
 
 # ---------------------------------------------------------------- training
+def model_file(role):
+    return f"{R}/train/{role}/model.pt"
+
+
 def train_inputs(wildcards):
+    """The role's training and validation cases, and the trained models it needs (liverseg.roles)."""
     sp = split_data()
-    return {"h5": [h5(c) for c in sp["train"] + sp["val"]]}
+    return {"h5": [h5(c) for c in sp["train"] + sp["val"]],
+            "needs": [model_file(r) for r in ROLES[wildcards.role]["needs"]]}
 
 
 def train_split_json(wildcards):
@@ -100,9 +107,11 @@ def test_cases():
     return split_data()["test"]
 
 
-def train_params_json(role):
-    """Everything training reads from the config; a change to any of it (and only it) retrains."""
-    return json.dumps({k: config[k] for k in ("window", "slices", "train")}, sort_keys=True)
+def train_params_json(wildcards):
+    """Everything training reads from the config; a change to any of it (and only it) retrains.
+    (predict.gate: model B is validated through the cascade with that gate.)"""
+    keys = ("window", "slices", "train") + (("predict",) if wildcards.role == "model_b" else ())
+    return json.dumps({k: config[k] for k in keys}, sort_keys=True)
 
 
 def slurm_resources(kind):
@@ -127,18 +136,17 @@ def gpu_resources(section):
 
 
 # ---------------------------------------------------------------- prediction and evaluation
-PREDICT_MODE = {"v1_3dcnn": "v1_3dcnn", "v2_unetpp_cca": "model_a", "v3_convlstm": "v3_convlstm", "v4_cascade": "cascade"}
-
-
 wildcard_constraints:
-    experiment="|".join(PREDICT_MODE),
+    experiment="|".join(EXPERIMENTS),
     stage="raw|post",
 
 
+def predict_mode(wildcards):
+    return EXPERIMENTS[wildcards.experiment]["mode"]
+
+
 def models_for(wildcards):
-    mode = PREDICT_MODE[wildcards.experiment]
-    roles = {"model_a": ["model_a"], "cascade": ["classifier", "model_a", "model_b"]}.get(mode, [mode])
-    return [f"{R}/train/{r}/model.pt" for r in roles]
+    return [model_file(r) for r in MODES[predict_mode(wildcards)]]
 
 
 def stage_prediction(wildcards):

@@ -10,9 +10,10 @@ rule predict:
     benchmark:
         f"{R}/benchmarks/predict/{{experiment}}/{{case}}.tsv"
     params:
-        mode=lambda wc: PREDICT_MODE[wc.experiment],
+        mode=predict_mode,
         device=config["predict"]["device"],
-        tta="--tta" if config["predict"]["tta"] else "",
+        tta=str(config["predict"]["tta"]).lower(),
+        gate=config["predict"]["gate"],
         batch=config["predict"]["batch_size"],
         models=f"{R}/train",
     threads: config["predict"]["threads"]
@@ -24,5 +25,6 @@ rule predict:
         "../../envs/torch.yaml"
     shell:
         "python -m liverseg predict-case --case {wildcards.case:q} --h5 {input.h5:q} --models {params.models:q}"
-        " --mode {params.mode} --device {params.device} {params.tta} --batch {params.batch} --threads {threads}"
+        " --mode {params.mode} --device {params.device} --tta {params.tta} --gate {params.gate} --batch {params.batch}"
+        " --threads {threads}"
         " --scores {output.scores:q} {output.seg:q} > {log:q} 2>&1"

@@ -1,0 +1,217 @@
+"""The V4 cascade on the stored slice grid: model A, the slice classifier's gate, model B in A's liver region.
+
+What each slice gets (the README's gate table; ``gate_slices`` is the rule, tested with stub networks):
+
+=========================  ==============================  =====================================================
+slice                      route (the study's routing)     suppress
+=========================  ==============================  =====================================================
+positive, in B's z-range   B inside A's liver region,      same as route
+                           background outside it
+positive, outside z-range  A                               A
+negative, A's 3D liver     A                               A
+component on the slice
+negative, no A component   A                               background
+=========================  ==============================  =====================================================
+
+positive = classifier score >= the threshold chosen on validation (highest with slice sensitivity >= 0.99).
+A's liver region = the in-plane box of model A's largest 3D liver component, grown by B's ``crop_margin`` and
+then to at least one B patch; B's z-range = the slices of that component plus ``z_margin`` on each side.
+When A finds no liver there is no region and no z-range: no slice goes to B, so the table's rows without B
+apply (route: A everywhere; suppress: A on positive slices, background elsewhere), and the log says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from liverseg.inference import slice_probs, tile_probs, tile_region
+from liverseg.postprocess import largest_component
+
+log = logging.getLogger(__name__)
+
+BACKGROUND, USE_A, USE_B = 0, 1, 2
+
+
+@dataclass
+class AOutput:
+    """Model A on one case: quantised probabilities at A's input size (bounded memory at 512 x 512 x 900) and
+    labels on the stored grid (what the liver region is computed from)."""
+
+    probs_q: np.ndarray  # (Z, K, s, s) uint8, probability * 255
+    labels: np.ndarray  # (Z, S, S) uint8
+
+    def probs(self, zs, size: int) -> torch.Tensor:
+        p = torch.from_numpy(self.probs_q[zs].astype(np.float32) / 255.0)
+        if p.shape[-1] != size:
+            p = F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)
+        return p
+
+
+def run_a(model, spec, image: np.ndarray, device, batch: int = 16, amp: bool = True, tta: bool = False) -> AOutput:
+    n, size = image.shape[0], image.shape[-1]
+    s = spec["input_size"]
+    probs_q = np.zeros((n, spec["classes"], s, s), np.uint8)
+    labels = np.zeros((n, size, size), np.uint8)
+    for bz, p in slice_probs(model, spec, image, list(range(n)), device, batch=batch, amp=amp, tta=tta):
+        probs_q[bz] = np.rint(p.numpy() * 255).astype(np.uint8)
+        up = F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False) if s != size else p
+        labels[bz] = up.argmax(dim=1).to(torch.uint8).numpy()
+    return AOutput(probs_q, labels)
+
+
+def liver_region(a_labels: np.ndarray, margin: int, z_margin: int, patch: int):
+    """(slices where A's largest 3D liver component lies (Z,) bool, B's region (r0, r1, c0, c1) or None,
+    B's z-range (z0, z1) or None) from A's labels (Z, S, S) on the stored grid."""
+    n, size = a_labels.shape[0], a_labels.shape[-1]
+    comp = largest_component(a_labels >= 1, connectivity=26)
+    present = comp.any(axis=(1, 2))
+    if not present.any():
+        return present, None, None
+    zs = np.flatnonzero(present)
+    rows = np.flatnonzero(comp.any(axis=(0, 2)))
+    cols = np.flatnonzero(comp.any(axis=(0, 1)))
+    box = (rows[0] - margin, rows[-1] + 1 + margin, cols[0] - margin, cols[-1] + 1 + margin)
+    region = tile_region(box, size, patch)
+    zrange = (max(0, int(zs[0]) - z_margin), min(n, int(zs[-1]) + 1 + z_margin))
+    return present, region, zrange
+
+
+def gate_slices(scores: np.ndarray, threshold: float, present: np.ndarray, zrange, gate: str) -> np.ndarray:
+    """Per-slice source: USE_B, USE_A or BACKGROUND (see the module's table)."""
+    if gate not in ("route", "suppress"):
+        raise ValueError(f"unknown gate {gate!r}; choose route or suppress")
+    positive = scores >= threshold
+    codes = np.full(len(scores), USE_A, np.int8)
+    if gate == "suppress":
+        codes[~positive & ~present] = BACKGROUND
+    if zrange is not None:
+        inside = np.zeros(len(scores), bool)
+        inside[zrange[0] : zrange[1]] = True
+        codes[positive & inside] = USE_B
+    return codes
+
+
+def combine(a_probs: torch.Tensor, codes: np.ndarray, b_probs: torch.Tensor | None = None, region=None) -> torch.Tensor:
+    """Final probabilities (n, K, S, S) of a batch of slices from A's probabilities, the slices' codes and B's
+    probabilities over ``region`` for the slices coded USE_B (in order)."""
+    out = a_probs.clone()
+    bg = torch.zeros_like(out[0])
+    bg[0] = 1.0
+    codes = np.asarray(codes)
+    out[torch.from_numpy(codes == BACKGROUND)] = bg
+    use_b = np.flatnonzero(codes == USE_B)
+    if use_b.size:
+        r0, r1, c0, c1 = region
+        out[use_b] = bg
+        out[use_b, :, r0:r1, c0:c1] = b_probs
+    return out
+
+
+def cascade_batches(image, a: AOutput, codes, region, model_b, spec_b, device, batch: int = 16, amp: bool = True,
+                    tta: bool = False):
+    """Yield (slice indices, final probabilities (n, K, S, S) on the stored grid) in batches."""
+    n, size = image.shape[0], image.shape[-1]
+    for s in range(0, n, batch):
+        zs = list(range(s, min(n, s + batch)))
+        c = codes[zs]
+        bz = [z for z, k in zip(zs, c) if k == USE_B]
+        b = None
+        if bz:
+            b = torch.cat([p for _, p in tile_probs(model_b, spec_b, image, bz, region, device, batch=batch,
+                                                      amp=amp, tta=tta)])
+        yield zs, combine(a.probs(zs, size), c, b, region)
+
+
+class PooledDice:
+    """Liver and tumour Dice pooled over every voxel of every case seen (nnU-Net's pseudo-Dice, without the
+    per-case empty-mask convention that would reward predicting no tumour on tumour-free cases)."""
+
+    def __init__(self):
+        self.counts = np.zeros((2, 3), np.int64)  # class x (intersection, predicted, reference)
+
+    def add(self, pred: np.ndarray, ref: np.ndarray) -> None:
+        for k, (p, r) in enumerate(((pred >= 1, ref >= 1), (pred == 2, ref == 2))):
+            self.counts[k] += (np.count_nonzero(p & r), np.count_nonzero(p), np.count_nonzero(r))
+
+    def dice(self) -> tuple[float, float]:
+        out = []
+        for inter, p, r in self.counts:
+            out.append(float("nan") if p + r == 0 else 2 * inter / (p + r))
+        return out[0], out[1]
+
+    def score(self) -> float:
+        """Mean of liver and tumour Dice; tumour left out when the validation cases hold none and none is found."""
+        ld, td = self.dice()
+        vals = [v for v in (ld, td) if not np.isnan(v)]
+        return float(np.mean(vals)) if vals else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _counts(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    pd = PooledDice()
+    pd.add(pred, ref)
+    return pd.counts
+
+
+@dataclass
+class ValCase:
+    """One validation case prepared for B: the slices the cascade sends to B, B's region, and the pooled counts
+    of every other slice (fixed while B trains, per gate)."""
+
+    path: str
+    b_slices: list
+    region: tuple | None
+    base: dict  # gate -> (2, 3) counts over the slices not sent to B
+
+
+def prepare_val_case(path, models: dict, threshold: float, margin: int, z_margin: int, patch: int, gates,
+                     device, amp: bool = True, a_tta: bool = False, batch: int = 16) -> ValCase:
+    """Run A and the classifier once on a validation case (``models``: role -> (model, spec))."""
+    import h5py
+
+    from liverseg.inference import classify
+
+    with h5py.File(path, "r") as f:
+        image, label = f["image"][:], f["label"][:]
+    model_a, spec_a = models["model_a"]
+    clf, spec_c = models["classifier"]
+    a = run_a(model_a, spec_a, image, device, batch=batch, amp=amp, tta=a_tta)
+    scores = classify(clf, spec_c, image, device, amp=amp)
+    present, region, zrange = liver_region(a.labels, margin, z_margin, patch)
+    base, b_slices = {}, None
+    for g in gates:
+        codes = gate_slices(scores, threshold, present, zrange, g)
+        pred = np.where((codes == USE_A)[:, None, None], a.labels, 0).astype(np.uint8)
+        keep = codes != USE_B
+        base[g] = _counts(pred[keep], label[keep])
+        b_slices = [int(z) for z in np.flatnonzero(codes == USE_B)]  # the same for every gate
+    return ValCase(str(path), b_slices, region, base)
+
+
+def b_counts(vc: ValCase, model_b, spec_b, device, amp: bool = True, tta: bool = False, batch: int = 16) -> np.ndarray:
+    """Pooled counts of B's labels on the slices the cascade sends to B (background outside B's region)."""
+    import h5py
+
+    counts = np.zeros((2, 3), np.int64)
+    if not vc.b_slices:
+        return counts
+    with h5py.File(vc.path, "r") as f:
+        image = f["image"][:]
+        label = f["label"][vc.b_slices]
+    r0, r1, c0, c1 = vc.region
+    pos = {z: i for i, z in enumerate(vc.b_slices)}
+    pred = np.zeros(label.shape, np.uint8)
+    for bz, p in tile_probs(model_b, spec_b, image, vc.b_slices, vc.region, device, batch=batch, amp=amp, tta=tta):
+        pred[[pos[z] for z in bz], r0:r1, c0:c1] = p.argmax(dim=1).to(torch.uint8).numpy()
+    return _counts(pred, label)
+
+
+def dice_of(counts: np.ndarray) -> PooledDice:
+    pd = PooledDice()
+    pd.counts = counts.copy()
+    return pd

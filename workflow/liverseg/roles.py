@@ -1,0 +1,73 @@
+"""The one table of model roles and experiments.
+
+Read by the workflow (workflow/rules/common.smk: which models a rule needs, the `train` rule's `{role}` wildcard
+and resources), by the CLI (choices of `--role` and `--mode`), by training (dataset, sampler, loss, validator) and
+by prediction (which models a mode loads).  Adding a role or an experiment means adding a row here.
+
+Columns of ROLES:
+  kind       network family built by models.build
+  data       what one training sample is: a whole slice (resized to the model's input), a fixed-size patch of the
+             stored grid around the liver, a sequence of slices, a 3D patch
+  sampler    how an epoch is drawn: liver/non-liver balanced, liver- and tumour-oversampled slices, tumour-centred
+             patches inside the liver's z-range, liver-oversampled sequences or 3D patches
+  loss       bce (classifier) or ce_dice (cross-entropy + soft Dice over liver and tumour)
+  validator  how the best epoch is chosen on the validation cases: slice sensitivity-constrained threshold, pooled
+             Dice of whole volumes, or pooled Dice of whole volumes through the cascade (A's boxes, the gate)
+  predictor  how the model is applied: per slice, tiles inside A's liver box, sequences, 3D sliding window
+  needs      roles whose trained models this role needs at training time (B is validated through the cascade)
+  mem_mb, runtime   job resources of its `train` rule (minutes)
+"""
+
+from __future__ import annotations
+
+ROLES: dict[str, dict] = {
+    "classifier": {"kind": "classifier", "data": "slice", "sampler": "liver_balanced", "loss": "bce",
+                   "validator": "slice_sensitivity", "predictor": "classify", "needs": [],
+                   "mem_mb": 8000, "runtime": 240},
+    "model_a": {"kind": "segmenter", "data": "slice", "sampler": "liver_tumour", "loss": "ce_dice",
+                "validator": "volume", "predictor": "slices", "needs": [], "mem_mb": 12000, "runtime": 720},
+    "model_b": {"kind": "segmenter", "data": "liver_patch", "sampler": "tumour_patch", "loss": "ce_dice",
+                "validator": "cascade", "predictor": "tiles", "needs": ["classifier", "model_a"],
+                "mem_mb": 12000, "runtime": 720},
+    "v3_convlstm": {"kind": "convlstm", "data": "sequence", "sampler": "liver_tumour", "loss": "ce_dice",
+                    "validator": "volume", "predictor": "sequences", "needs": [], "mem_mb": 16000, "runtime": 720},
+    "v1_3dcnn": {"kind": "unet3d", "data": "patch3d", "sampler": "liver_tumour", "loss": "ce_dice",
+                 "validator": "volume", "predictor": "sliding_window_3d", "needs": [], "mem_mb": 16000,
+                 "runtime": 720},
+}
+
+# Prediction modes: the models each loads, in order (the first one is the whole-volume segmenter).
+MODES: dict[str, list[str]] = {
+    "cascade": ["model_a", "classifier", "model_b"],
+    "model_a": ["model_a"],
+    "v3_convlstm": ["v3_convlstm"],
+    "v1_3dcnn": ["v1_3dcnn"],
+}
+
+EXPERIMENTS: dict[str, dict] = {
+    "v1_3dcnn": {"title": "V1 3D CNN", "mode": "v1_3dcnn"},
+    "v2_unetpp_cca": {"title": "V2 2D UNet++ + CCA", "mode": "model_a"},
+    "v3_convlstm": {"title": "V3 2.5D ConvLSTM", "mode": "v3_convlstm"},
+    "v4_cascade": {"title": "V4 cascade", "mode": "cascade"},
+}
+
+GATES = ("route", "suppress")
+
+
+def experiment_roles(experiment: str) -> list[str]:
+    return MODES[EXPERIMENTS[experiment]["mode"]]
+
+
+def training_closure(roles) -> list[str]:
+    """Roles in an order where every role comes after the roles it needs."""
+    out: list[str] = []
+
+    def add(r):
+        for n in ROLES[r]["needs"]:
+            add(n)
+        if r not in out:
+            out.append(r)
+
+    for r in roles:
+        add(r)
+    return out
