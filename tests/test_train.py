@@ -6,12 +6,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from liverseg import models as M
 from liverseg.errors import ModelFileError
-from liverseg.train import soft_dice_loss, train, youden_threshold
+from liverseg.train import resume_key, soft_dice_loss, train
 
 from conftest import ROOT, tiny_config
 
@@ -27,20 +28,16 @@ def test_soft_dice_loss_is_zero_for_perfect_logits():
     assert float(soft_dice_loss(-logits, y)) > 0.9
 
 
-def test_youden_threshold_separates_classes():
-    import numpy as np
-
-    s = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
-    t = np.array([0, 0, 0, 1, 1, 1], bool)
-    thr, bacc = youden_threshold(s, t)
-    assert 0.3 < thr <= 0.7 and bacc == 1.0
-
-
 @pytest.mark.parametrize("role", ["classifier", "model_a", "model_b", "v3_convlstm", "v1_3dcnn"])
 def test_training_outputs_and_reload(tiny_dataset, tmp_path, role):
     _, paths, split = tiny_dataset
     cfg = tiny_config()
-    spec = train(role, paths, split, cfg, tmp_path / "out", tmp_path / "ckpt")
+    needs = {}
+    if role == "model_b":  # validated through the cascade: needs the classifier and model A
+        for r in ("classifier", "model_a"):
+            train(r, paths, split, cfg, tmp_path / r, tmp_path / f"ck_{r}")
+            needs[r] = str(tmp_path / r / "model.pt")
+    spec = train(role, paths, split, cfg, tmp_path / "out", tmp_path / "ckpt", needs=needs)
     out = tmp_path / "out"
     for f in ("model.pt", "model.json", "log.csv", "curves.png"):
         assert (out / f).stat().st_size > 0
@@ -56,6 +53,12 @@ def test_training_outputs_and_reload(tiny_dataset, tmp_path, role):
         assert "val_liver_dice" in header and "val_tumour_dice" in header
     model, spec2 = M.load(out / "model.pt")
     assert spec2["role"] == role
+    if role == "model_b":
+        assert spec2["input_size"] == spec2["patch_size"] == 16  # a patch of the stored grid, not a resized crop
+        assert {r["gate"] for r in spec2["selection"]["table"]} == {"route", "suppress"}
+        assert spec2["selection"]["gate"] in ("route", "suppress")
+    if role == "model_a":
+        assert "tta" in spec2["selection"]
 
 
 def test_same_seed_same_weights_and_other_seed_differs(tiny_dataset, tmp_path):
@@ -129,3 +132,90 @@ def test_bad_model_files_give_clear_errors(tiny_dataset, tmp_path):
                         "--models", str(tmp_path / "none"), str(tmp_path / "p.nii.gz")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("liverseg predict-case: error: model file missing")
+
+
+def _epoch_lines(text, role):
+    return [ln for ln in text.splitlines() if f"INFO liverseg.train: {role} epoch " in ln or
+            (f"{role} epoch " in ln and '"train_loss"' in ln)]
+
+
+def test_finished_training_is_never_resumed(tiny_dataset, tmp_path, caplog):
+    """A forced rerun (same config, same data) trains every configured epoch again."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="liverseg.train")
+    _, paths, split = tiny_dataset
+    cfg = tiny_config(train={"model_a": {"epochs": 3}})
+    train("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
+    assert not (tmp_path / "ck" / "last.pt").exists()
+    caplog.clear()
+    train("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
+    assert "resuming" not in caplog.text
+    assert len([r for r in caplog.records if '"train_loss"' in r.getMessage()]) == 3
+
+
+def _copy_case(paths, out_dir, label_edit=None):
+    """Preprocess tiny case 0 again into ``out_dir`` (optionally with an edited label under the same id)."""
+    import shutil
+
+    import nibabel as nib
+
+    from liverseg.preprocess import preprocess_case
+
+    out_dir.mkdir()
+    root = os.path.dirname(paths["0"])
+    src_img, src_lab = os.path.join(root, "volume-0.nii.gz"), os.path.join(root, "segmentation-0.nii.gz")
+    lab = out_dir / "segmentation-0.nii.gz"
+    shutil.copy(src_lab, lab)
+    if label_edit is not None:
+        im = nib.load(src_lab)
+        arr = np.asarray(im.dataobj).copy()
+        label_edit(arr)
+        nib.save(nib.Nifti1Image(arr, im.affine, im.header), str(lab))
+    out = dict(paths)
+    out["0"] = str(out_dir / "0.h5")
+    preprocess_case("0", src_img, out["0"], label_path=lab, size=32)
+    return out
+
+
+def test_changed_label_under_the_same_id_retrains(tiny_dataset, tmp_path, monkeypatch, caplog):
+    """Interrupt a training after one epoch; the rerun resumes on the same data but starts afresh when a label
+    of a training case was corrected under the same case id."""
+    import logging
+
+    import liverseg.train as T
+    from liverseg.data import index_cases
+
+    caplog.set_level(logging.INFO, logger="liverseg.train")
+    _, paths, split = tiny_dataset
+    cfg = tiny_config(train={"model_a": {"epochs": 2}})
+    same = _copy_case(paths, tmp_path / "a")
+
+    def edit(arr):
+        arr[tuple(np.argwhere(arr >= 1)[0])] = 0  # one voxel of the reference corrected
+
+    fixed = _copy_case(paths, tmp_path / "b", edit)
+    keys = [resume_key(cfg, "model_a", split, index_cases([p[c] for c in split["train"] + split["val"]]))
+            for p in (paths, same, fixed)]
+    assert keys[0] == keys[1] != keys[2]
+
+    real_validate = T.validate
+    calls = {"n": 0}
+
+    def interrupt_after_first_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_validate(*a, **k)
+
+    for data, expect in ((same, "resuming from checkpoint after epoch 1"), (fixed, "another resume key")):
+        calls["n"] = 0
+        ck = tmp_path / f"ck_{expect[:3]}"
+        monkeypatch.setattr(T, "validate", interrupt_after_first_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            train("model_a", same, split, cfg, tmp_path / "out", ck)
+        assert (ck / "last.pt").exists()
+        monkeypatch.setattr(T, "validate", real_validate)
+        caplog.clear()
+        train("model_a", data, split, cfg, tmp_path / "out", ck)
+        assert expect in caplog.text

@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train the slice classifier, model A or model B")
     s.add_argument("--role", required=True, choices=list(ROLES))
-    s.add_argument("--needs", nargs="*", default=[], metavar="ROLE=MODEL_PT",
-                   help="trained models this role depends on (model_b: classifier and model_a)")
+    s.add_argument("--needs", action="append", default=[], metavar="ROLE=MODEL_PT",
+                   help="a trained model this role depends on, repeated (model_b: classifier and model_a)")
     s.add_argument("--split", help="split.json written by `liverseg split`")
     s.add_argument("--split-json", help="the train/val case lists as JSON (what the Snakemake rule passes)")
     s.add_argument("--h5-dir", required=True, help="folder with <case>.h5 files")

@@ -66,10 +66,33 @@ def resize_slab(slab: np.ndarray, size: int, is_label: bool = False) -> np.ndarr
 
     t = torch.from_numpy(np.ascontiguousarray(slab))[:, None]
     if is_label:
-        out = F.interpolate(t.float(), size=(size, size), mode="nearest-exact").to(torch.uint8)
-    else:
-        out = F.interpolate(t.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out = F.interpolate(t.float(), size=(size, size), mode="nearest-exact").to(torch.uint8)[:, 0].numpy()
+        return keep_lesions(slab, out)
+    out = F.interpolate(t.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return out[:, 0].numpy()
+
+
+def keep_lesions(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour downsampling can drop a small tumour entirely; put back every 2D tumour component of
+    ``src`` (n, H, W) that left no tumour pixel in ``out`` (n, h, w), at the output pixel of its most central
+    voxel, so a lesion is never lost by resizing the label (it may shrink to one pixel)."""
+    n, h, w = src.shape
+    oh, ow = out.shape[1:]
+    for i in range(n):
+        tum = src[i] == 2
+        if not tum.any():
+            continue
+        lab, k = ndimage.label(tum, structure=np.ones((3, 3)))
+        for j, sl in enumerate(ndimage.find_objects(lab), start=1):
+            rr, cc = np.nonzero(lab[sl] == j)
+            rr, cc = rr + sl[0].start, cc + sl[1].start
+            orr = np.minimum((rr * oh) // h, oh - 1)
+            occ = np.minimum((cc * ow) // w, ow - 1)
+            if (out[i, orr, occ] == 2).any():
+                continue
+            m = int(np.argmin((rr - rr.mean()) ** 2 + (cc - cc.mean()) ** 2))
+            out[i, orr[m], occ[m]] = 2
+    return out
 
 
 def bbox_2d(mask: np.ndarray) -> list[int]:

@@ -17,7 +17,7 @@ rule train:
         split=train_split_json,
         ckpt=lambda wc: f"{R}/checkpoints/{wc.role}",
         h5dir=f"{R}/preprocess",
-        needs=lambda wc, input: " ".join(shlex.quote(f"{r}={p}") for r, p in zip(ROLES[wc.role]["needs"], input.needs)),
+        needs=lambda wc, input: " ".join(f"--needs {shlex.quote(f'{r}={p}')}" for r, p in zip(ROLES[wc.role]["needs"], input.needs)),
         outdir=lambda wc, output: os.path.dirname(output.model),
     threads: config["train"]["threads"]
     resources:
@@ -29,4 +29,4 @@ rule train:
     shell:
         "python -m liverseg train --role {wildcards.role} --split-json {params.split:q} --h5-dir {params.h5dir:q}"
         " --config-json {params.cfg:q} --checkpoint-dir {params.ckpt:q} --threads {threads}"
-        " --needs {params.needs} {params.outdir:q} > {log:q} 2>&1"
+        " {params.needs} {params.outdir:q} > {log:q} 2>&1"
