@@ -48,8 +48,8 @@ def train_models(wd: Path, cfg: dict, seed: int, extra: dict | None = None) -> P
     (wd / "config.yaml").write_text(yaml.safe_dump(c))
     targets = [f"{wd}/results/train/{r}/model.pt" for r in ("classifier", "model_a", "model_b")]
     t = time.time()
-    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(wd),
-                        "--configfile", str(wd / "config.yaml"), "--cores", "2", "--quiet", "rules", *targets],
+    r = subprocess.run([sys.executable, "-m", "snakemake", *targets, "-s", str(ROOT / "Snakefile"), "--directory",
+                        str(wd), "--configfile", str(wd / "config.yaml"), "--cores", "2"],
                        capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"training failed in {wd}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")

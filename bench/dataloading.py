@@ -40,7 +40,7 @@ def main():
         order = rng.integers(0, len(items), size=a.batch * a.batches).tolist()
 
         ds = SliceDataset(cases, items, context, a.size)
-        loader = torch.utils.data.DataLoader(ds, batch_size=a.batch, sampler=order, num_workers=a.workers)
+        loader = torch.utils.data.DataLoader(ds, batch_size=a.batch, sampler=[(i, 0, (0, 0, j)) for j, i in enumerate(order)], num_workers=a.workers)
         t = time.perf_counter()
         n = 0
         for x, y, _ in loader:

@@ -80,6 +80,7 @@ def stub_case(tmp_path):
     hu = np.full((S, S, Z), -150.0, np.float32)
     hu[8:24, 8:24, 4:12] = 250  # the "liver", bright, slices 4..11
     hu[28:31, 28:31, 0:2] = 250  # a small bright blob at slices 0..1, not the largest component
+    hu[28:31, 0:3, 5:7] = 250  # another one on slices 5..6, outside A's liver region: B slices drop it
     img = write_nifti(tmp_path / "volume-7.nii.gz", hu, np.eye(4))
     h5 = tmp_path / "7.h5"
     preprocess_case("7", img, h5, size=S)
@@ -191,8 +192,10 @@ def test_pooled_dice_does_not_reward_never_predicting_tumour():
         r[:, 2:6, 2:6] = 1
     ref[0][1, 3:5, 3:5] = 2  # one case with a tumour
     never = [np.where(r >= 1, 1, 0).astype(np.uint8) for r in ref]  # perfect liver, no tumour ever
-    found = [r.copy() for r in ref]
-    found[1][0, 2, 2] = 2  # finds the tumour, plus one false-positive pixel in a tumour-free case
+    found = [np.where(r >= 1, 1, 0).astype(np.uint8) for r in ref]
+    found[0][1, 3, 3:5] = 2  # finds half the tumour, plus one false-positive pixel in each tumour-free case
+    found[1][0, 2, 2] = 2
+    found[2][0, 2, 2] = 2
     pd_never, pd_found = PooledDice(), PooledDice()
     for a, b, r in zip(never, found, ref):
         pd_never.add(a, r)
@@ -221,11 +224,14 @@ def test_tta_zoom_round_trip_is_identity_for_an_equivariant_model():
     class PixelWise(nn.Module):
         def forward(self, x):
             c = x[:, 0]
-            return torch.stack([-c * 5, c * 5, torch.zeros_like(c)], dim=1)
+            return torch.stack([10 * (0.5 - c), 10 * (c - 0.5), torch.full_like(c, -10.0)], dim=1)
 
     x = torch.zeros(1, 1, 64, 64)
     x[:, :, 20:44, 16:40] = 1.0
     plain = _probs(PixelWise(), x, torch.device("cpu"), False)
+    for zoom in (0.9, 1.1):  # each zoom alone against the plain pass: a wrong inverse would move the border
+        tta = _probs(PixelWise(), x, torch.device("cpu"), False, [(False, 1.0), (False, zoom), (False, zoom)])
+        assert torch.equal(plain.argmax(1), tta.argmax(1)), zoom
     tta = _probs(PixelWise(), x, torch.device("cpu"), False, [(False, 1.0), (False, 0.9), (False, 1.1), (True, 1.0)])
     assert torch.equal(plain.argmax(1), tta.argmax(1))
 
@@ -251,3 +257,29 @@ def test_label_downsampling_keeps_every_lesion():
             rr, cc = np.nonzero(lab == j)
             assert (out[i, rr // 3, cc // 3] == 2).any(), (i, j)
         assert n_out <= n_src
+
+
+def test_b_is_validated_on_model_a_boxes_not_the_reference(tmp_path):
+    """B's validation region comes from model A's liver, even where the reference liver lies elsewhere."""
+    from liverseg.cascade import prepare_val_case
+
+    hu = np.full((S, S, Z), -150.0, np.float32)
+    hu[2:14, 16:30, 3:10] = 250  # what the stub A will call liver
+    ref = np.zeros((S, S, Z), np.uint8)
+    ref[18:30, 2:14, 6:14] = 1  # the reference liver: elsewhere
+    img = write_nifti(tmp_path / "volume-8.nii.gz", hu, np.eye(4))
+    lab = write_nifti(tmp_path / "segmentation-8.nii.gz", ref, np.eye(4), dtype=np.uint8)
+    h5 = tmp_path / "8.h5"
+    preprocess_case("8", img, h5, label_path=lab, size=S)
+
+    class AllPositive(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0],), 5.0)
+
+    models = {"model_a": (_StubA(), {"input_size": S, "context": 0, "classes": 3}),
+              "classifier": (AllPositive(), {"input_size": S, "context": 0})}
+    vc = prepare_val_case(h5, models, 0.5, margin=1, z_margin=1, patch=16, gates=["route", "suppress"],
+                          device=torch.device("cpu"), amp=False)
+    # stored slice rows = y, columns = x (RAS input): A's liver rows 16..29, columns 2..13, slices 3..9
+    assert vc.region == (15, 31, 0, 16)
+    assert vc.b_slices == list(range(2, 11))

@@ -6,6 +6,7 @@ import torch
 from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
 
 import liverseg.predict as P
+from liverseg.cascade import AOutput
 from liverseg.errors import ModelFileError
 from liverseg.phantom import PhantomSpec, generate
 from liverseg.preprocess import preprocess_case
@@ -31,11 +32,11 @@ def test_prediction_lands_on_the_original_grid(tmp_path, monkeypatch, codes):
     spec = {"window": {"mode": "fixed", "lower": -150.0, "upper": 250.0}, "slice_size": 40}
     monkeypatch.setattr(P, "load", lambda *a, **k: (None, spec))
 
-    def oracle(model, spec, image, zs, device, box=None, out_shape=None, **kw):
-        lab_t = torch.from_numpy(label[zs]).float()[:, None]
-        yield zs, F.interpolate(lab_t, size=out_shape, mode="nearest-exact")[:, 0].numpy().astype(np.uint8)
+    def oracle(model, spec, image, device, **kw):  # model A's probabilities = the one-hot reference label
+        onehot = np.moveaxis(np.eye(3, dtype=np.float16)[label], -1, 1)
+        return AOutput(onehot, label)
 
-    monkeypatch.setattr(P, "segment", oracle)
+    monkeypatch.setattr(P, "run_a", oracle)
     P.predict_case("5", h5, tmp_path / "models", tmp_path / "pred.nii.gz", tmp_path / "s.tsv", mode="model_a")
     out = nib.load(tmp_path / "pred.nii.gz")
     assert np.allclose(out.affine, aff_o) and out.shape == img_o.shape
@@ -43,22 +44,13 @@ def test_prediction_lands_on_the_original_grid(tmp_path, monkeypatch, codes):
     assert nib.aff2axcodes(out.affine) == codes
 
 
-def test_liver_box_from_largest_component():
-    vol = np.zeros((20, 30, 10), np.uint8)
-    vol[5:10, 6:16, 2:8] = 1
-    vol[18:20, 28:30, 0:1] = 1  # stray voxel cluster, not the largest component
-    box = P.liver_box(vol, size=60, margin=2)
-    # canonical (x, y) -> slice grid rows from y (factor 60/30), columns from x (factor 60/20)
-    assert box == (6 * 2 - 2, 16 * 2 + 2, 5 * 3 - 2, 10 * 3 + 2)
-    assert P.liver_box(np.zeros_like(vol), 60, 2) is None
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tiny_dataset, tmp_path_factory):
     _, paths, split = tiny_dataset
     out = tmp_path_factory.mktemp("models")
     for role in ("classifier", "model_a", "model_b"):
-        train(role, paths, split, tiny_config(), out / role, out / "ck" / role)
+        needs = {r: str(out / r / "model.pt") for r in ("classifier", "model_a")} if role == "model_b" else None
+        train(role, paths, split, tiny_config(), out / role, out / "ck" / role, needs=needs)
     return out
 
 
@@ -71,9 +63,18 @@ def test_cascade_writes_prediction_and_gating_table(tiny_dataset, tiny_models, t
     assert out.shape == src.shape and np.allclose(out.affine, src.affine)
     assert out.get_data_dtype() == np.uint8 and set(np.unique(np.asanyarray(out.dataobj))) <= {0, 1, 2}
     rows = (tmp_path / "s.tsv").read_text().splitlines()
-    assert rows[0].split("\t") == ["slice", "classifier_score", "model", "model_a_liver_voxels", "final_liver_voxels"]
+    assert rows[0].split("\t") == ["slice", "classifier_score", "source", "model_a_liver_pixels_stored_grid",
+                                   "final_liver_voxels"]
     assert len(rows) == 1 + s["slices"]
-    assert sum(r.split("\t")[2] == "B" for r in rows[1:]) == s["slices_to_b"]
+    # independent of the code's own count: B only ever gets slices the classifier scored at or above its threshold
+    import json
+
+    thr = json.loads((tiny_models / "classifier" / "model.json").read_text())["threshold"]
+    for r in rows[1:]:
+        z, score, source = r.split("\t")[:3]
+        assert source in ("A", "B", "background")
+        if source == "B":
+            assert float(score) >= thr - 1e-5, r
 
 
 def test_models_from_another_window_are_refused(tiny_dataset, tiny_models, tmp_path):

@@ -43,7 +43,7 @@ def test_training_outputs_and_reload(tiny_dataset, tmp_path, role):
         assert (out / f).stat().st_size > 0
     saved = json.loads((out / "model.json").read_text())
     assert saved["config_hash"] == spec["config_hash"] and saved["in_channels"] == (1 if role == "v1_3dcnn" else 3)
-    assert saved["window"]["lower"] == -150 and saved["input_size"] == (32 if role != "classifier" else 32)
+    assert saved["window"]["lower"] == -150 and saved["input_size"] == (16 if role == "model_b" else 32)
     if role == "classifier":
         assert 0 <= saved["threshold"] <= 1
     header = (out / "log.csv").read_text().splitlines()[0]
@@ -134,11 +134,6 @@ def test_bad_model_files_give_clear_errors(tiny_dataset, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("liverseg predict-case: error: model file missing")
 
 
-def _epoch_lines(text, role):
-    return [ln for ln in text.splitlines() if f"INFO liverseg.train: {role} epoch " in ln or
-            (f"{role} epoch " in ln and '"train_loss"' in ln)]
-
-
 def test_finished_training_is_never_resumed(tiny_dataset, tmp_path, caplog):
     """A forced rerun (same config, same data) trains every configured epoch again."""
     import logging
@@ -219,3 +214,5 @@ def test_changed_label_under_the_same_id_retrains(tiny_dataset, tmp_path, monkey
         caplog.clear()
         train("model_a", data, split, cfg, tmp_path / "out", ck)
         assert expect in caplog.text
+        epochs_now = len([r for r in caplog.records if '"train_loss"' in r.getMessage()])
+        assert epochs_now == (1 if data is same else 2)  # resumed: the last epoch only; afresh: every epoch

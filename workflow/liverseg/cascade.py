@@ -39,14 +39,14 @@ BACKGROUND, USE_A, USE_B = 0, 1, 2
 
 @dataclass
 class AOutput:
-    """Model A on one case: quantised probabilities at A's input size (bounded memory at 512 x 512 x 900) and
+    """Model A on one case: probabilities at A's input size in float16 (bounded memory at 512 x 512 x 900) and
     labels on the stored grid (what the liver region is computed from)."""
 
-    probs_q: np.ndarray  # (Z, K, s, s) uint8, probability * 255
+    probs16: np.ndarray  # (Z, K, s, s) float16
     labels: np.ndarray  # (Z, S, S) uint8
 
     def probs(self, zs, size: int) -> torch.Tensor:
-        p = torch.from_numpy(self.probs_q[zs].astype(np.float32) / 255.0)
+        p = torch.from_numpy(self.probs16[zs].astype(np.float32))
         if p.shape[-1] != size:
             p = F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)
         return p
@@ -55,13 +55,14 @@ class AOutput:
 def run_a(model, spec, image: np.ndarray, device, batch: int = 16, amp: bool = True, tta: bool = False) -> AOutput:
     n, size = image.shape[0], image.shape[-1]
     s = spec["input_size"]
-    probs_q = np.zeros((n, spec["classes"], s, s), np.uint8)
+    probs16 = np.zeros((n, spec["classes"], s, s), np.float16)
     labels = np.zeros((n, size, size), np.uint8)
     for bz, p in slice_probs(model, spec, image, list(range(n)), device, batch=batch, amp=amp, tta=tta):
-        probs_q[bz] = np.rint(p.numpy() * 255).astype(np.uint8)
+        probs16[bz] = p.numpy().astype(np.float16)
+        p = torch.from_numpy(probs16[bz].astype(np.float32))  # labels from exactly what prediction will use
         up = F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False) if s != size else p
         labels[bz] = up.argmax(dim=1).to(torch.uint8).numpy()
-    return AOutput(probs_q, labels)
+    return AOutput(probs16, labels)
 
 
 def liver_region(a_labels: np.ndarray, margin: int, z_margin: int, patch: int):
@@ -141,7 +142,7 @@ class PooledDice:
     def dice(self) -> tuple[float, float]:
         out = []
         for inter, p, r in self.counts:
-            out.append(float("nan") if p + r == 0 else 2 * inter / (p + r))
+            out.append(float("nan") if p + r == 0 else float(2 * inter / (p + r)))
         return out[0], out[1]
 
     def score(self) -> float:

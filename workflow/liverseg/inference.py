@@ -56,13 +56,14 @@ def tta_transforms(spec: dict) -> list[tuple[bool, float]]:
     return out
 
 
-def _warp(x: torch.Tensor, flip: bool, zoom: float, inverse: bool, mode: str = "bilinear") -> torch.Tensor:
-    """Zoom about the centre by ``zoom`` (>1 magnifies) and optionally mirror columns; inverse undoes it."""
+def _warp(x: torch.Tensor, flip: bool, zoom: float, inverse: bool, padding: str = "zeros") -> torch.Tensor:
+    """Zoom about the centre by ``zoom`` (>1 magnifies) and optionally mirror columns; inverse undoes it.
+    Images are padded like training's augmentation ("border"); maps going back are padded with zeros."""
     f = 1.0 / zoom if not inverse else zoom
     sx = -f if flip else f
     theta = torch.tensor([[sx, 0.0, 0.0], [0.0, f, 0.0]], dtype=x.dtype).expand(x.shape[0], 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def _probs(model, x: torch.Tensor, device, amp: bool, transforms=((False, 1.0),)) -> torch.Tensor:
@@ -78,7 +79,7 @@ def _probs(model, x: torch.Tensor, device, amp: bool, transforms=((False, 1.0),)
                 p = torch.softmax(model(x.flip(-1).to(device)).float(), dim=1).cpu().flip(-1)
             w = torch.ones_like(p[:, :1])
         else:
-            xa = _warp(x, flip, zoom, inverse=False)
+            xa = _warp(x, flip, zoom, inverse=False, padding="border")
             with autocast(device, amp):
                 pa = torch.softmax(model(xa.to(device)).float(), dim=1).cpu()
             p = _warp(pa, flip, zoom, inverse=True)

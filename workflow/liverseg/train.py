@@ -209,10 +209,13 @@ def _sampling(role: str, m: dict, liver, other, tumour, n_items: int):
         if lf + tf > 1:
             lf = 1 - tf
         groups, fracs = [tumour, liver, everything], [tf, lf, 1 - lf - tf]
+    if sampler == "tumour_patch":
+        # positions matter: LiverPatchDataset centres draws of group 0 on tumour; an empty or zero-share group
+        # simply draws nothing (epoch_draws), and the other group takes the whole epoch
+        total = sum(f for g, f in zip(groups, fracs) if g and f > 0)
+        return groups, [f / total if (g and f > 0 and total) else 0.0 for g, f in zip(groups, fracs)]
     keep = [(g, f) for g, f in zip(groups, fracs) if g and f > 0]
     total = sum(f for _, f in keep)
-    if sampler == "tumour_patch" and not tumour:
-        keep = [([], 0.0)] + keep  # group 0 stays "tumour-centred", empty
     return [g for g, _ in keep], [f / total if total else 0.0 for _, f in keep]
 
 
@@ -429,6 +432,8 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
             sched.load_state_dict(ck["scheduler"])
             start_epoch, history, best = int(ck["epoch"]), list(ck["history"]), ck["best"]
             log.info("%s: resuming from checkpoint after epoch %d (%s)", role, start_epoch, ckpt_path)
+            if ck.get("stopped"):  # stopped early before it could write model.pt: no more epochs
+                start_epoch = m["epochs"]
         elif ck is not None:
             log.info("%s: checkpoint %s has another resume key (config, data, code or needed models changed); "
                      "starting afresh", role, ckpt_path)
@@ -492,12 +497,13 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
         if val["score"] > best["score"]:
             best = {"score": float(val["score"]), "state": copy.deepcopy(model.state_dict()), "epoch": epoch + 1,
                     "val": {k: float(v) for k, v in val.items()}}
+        stop = bool(patience and epoch + 1 - best["epoch"] >= patience)
         ck = {"config_hash": key, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-              "scheduler": sched.state_dict(), "history": history, "best": best}
+              "scheduler": sched.state_dict(), "history": history, "best": best, "stopped": stop}
         with atomic_path(ckpt_path) as tmp:
             torch.save(ck, tmp)
         _write_csv(history, checkpoint_dir / "log.csv")
-        if patience and epoch + 1 - best["epoch"] >= patience:
+        if stop:
             log.info("%s: early stop, no improvement for %d epochs", role, patience)
             break
 

@@ -108,10 +108,15 @@ def test_cases():
 
 
 def train_params_json(wildcards):
-    """Everything training reads from the config; a change to any of it (and only it) retrains.
-    (predict.gate: model B is validated through the cascade with that gate.)"""
-    keys = ("window", "slices", "train") + (("predict",) if wildcards.role == "model_b" else ())
-    return json.dumps({k: config[k] for k in keys}, sort_keys=True)
+    """What this role's training reads from the config, and nothing else, so that a change to another role's
+    settings (or to prediction) does not retrain it: window, slices, the shared train keys, the role's own
+    section, and predict.gate for model B (validated through the cascade with that gate)."""
+    role = wildcards.role
+    train = {k: v for k, v in config["train"].items() if k == role or k not in ROLES}
+    out = {"window": config["window"], "slices": config["slices"], "train": train}
+    if role == "model_b":
+        out["predict"] = {"gate": config["predict"]["gate"]}
+    return json.dumps(out, sort_keys=True)
 
 
 def slurm_resources(kind):

@@ -17,7 +17,7 @@ rule train:
         split=train_split_json,
         ckpt=lambda wc: f"{R}/checkpoints/{wc.role}",
         h5dir=f"{R}/preprocess",
-        needs=lambda wc, input: " ".join(f"--needs {shlex.quote(f'{r}={p}')}" for r, p in zip(ROLES[wc.role]["needs"], input.needs)),
+        needs=lambda wc, input: " ".join(f"--needs {shlex.quote(f'{r}={p}')}" for r, p in zip(ROLES[wc.role]["needs"], getattr(input, "needs", []))),
         outdir=lambda wc, output: os.path.dirname(output.model),
     threads: config["train"]["threads"]
     resources:
