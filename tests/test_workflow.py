@@ -18,7 +18,7 @@ TINY = {
     "split": {"seed": 0, "test_fraction": 0.25, "val_fraction": 0.2},
     "train": {**TINY_TRAIN,
               "model_a": {**TINY_TRAIN["model_a"], "encoder_depth": 4, "decoder_channels": [32, 16, 8, 8],
-                          "epochs": 12, "samples_per_epoch": 256, "batch_size": 16, "lr": 0.005},
+                          "epochs": 24, "samples_per_epoch": 256, "batch_size": 16, "lr": 0.003},
               "model_b": {**TINY_TRAIN["model_b"], "epochs": 2, "samples_per_epoch": 32},
               "classifier": {**TINY_TRAIN["classifier"], "epochs": 2, "samples_per_epoch": 32}},
     "experiments": ["v1_3dcnn", "v2_unetpp_cca", "v3_convlstm", "v4_cascade"],

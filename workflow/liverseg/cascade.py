@@ -146,9 +146,12 @@ class PooledDice:
         return out[0], out[1]
 
     def score(self) -> float:
-        """Mean of liver and tumour Dice; tumour left out when the validation cases hold none and none is found."""
+        """Mean of liver and tumour Dice.  Tumour counts only when the reference holds tumour: without reference
+        tumour its Dice is 0 for a single false-positive voxel and undefined otherwise, a step that would pick
+        epochs by whether they predict any tumour at all rather than by how well they segment."""
         ld, td = self.dice()
-        vals = [v for v in (ld, td) if not np.isnan(v)]
+        vals = [ld] + ([td] if self.counts[1, 2] > 0 else [])
+        vals = [v for v in vals if not np.isnan(v)]
         return float(np.mean(vals)) if vals else 0.0
 
 

@@ -205,10 +205,11 @@ def _sampling(role: str, m: dict, liver, other, tumour, n_items: int):
     elif sampler == "tumour_patch":
         groups, fracs = [tumour, everything], [m["tumour_fraction"], 1 - m["tumour_fraction"]]
     else:
-        lf, tf = m["liver_fraction"], m.get("tumour_fraction", 0.0)
-        if lf + tf > 1:
-            lf = 1 - tf
-        groups, fracs = [tumour, liver, everything], [tf, lf, 1 - lf - tf]
+        # tumour slices are drawn out of the liver share, so the share of slices of every kind (background
+        # included: what teaches the model to reject the spleen) stays 1 - liver_fraction
+        lf = m["liver_fraction"]
+        tf = min(m.get("tumour_fraction", 0.0), lf)
+        groups, fracs = [tumour, liver, everything], [tf, lf - tf, 1 - lf]
     if sampler == "tumour_patch":
         # positions matter: LiverPatchDataset centres draws of group 0 on tumour; an empty or zero-share group
         # simply draws nothing (epoch_draws), and the other group takes the whole epoch
