@@ -132,8 +132,15 @@ class PooledDice:
     """Liver and tumour Dice pooled over every voxel of every case seen (nnU-Net's pseudo-Dice, without the
     per-case empty-mask convention that would reward predicting no tumour on tumour-free cases)."""
 
-    def __init__(self):
-        self.counts = np.zeros((2, 3), np.int64)  # class x (intersection, predicted, reference)
+    def __init__(self, counts: np.ndarray | None = None):
+        # class (liver, tumour) x (intersection, predicted, reference)
+        self.counts = np.zeros((2, 3), np.int64) if counts is None else np.array(counts, np.int64)
+
+    @classmethod
+    def of(cls, pred: np.ndarray, ref: np.ndarray) -> "PooledDice":
+        pd = cls()
+        pd.add(pred, ref)
+        return pd
 
     def add(self, pred: np.ndarray, ref: np.ndarray) -> None:
         for k, (p, r) in enumerate(((pred >= 1, ref >= 1), (pred == 2, ref == 2))):
@@ -156,12 +163,6 @@ class PooledDice:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _counts(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    pd = PooledDice()
-    pd.add(pred, ref)
-    return pd.counts
-
-
 @dataclass
 class ValCase:
     """One validation case prepared for B: the slices the cascade sends to B, B's region, and the pooled counts
@@ -192,7 +193,7 @@ def prepare_val_case(path, models: dict, threshold: float, margin: int, z_margin
         codes = gate_slices(scores, threshold, present, zrange, g)
         pred = np.where((codes == USE_A)[:, None, None], a.labels, 0).astype(np.uint8)
         keep = codes != USE_B
-        base[g] = _counts(pred[keep], label[keep])
+        base[g] = PooledDice.of(pred[keep], label[keep]).counts
         b_slices = [int(z) for z in np.flatnonzero(codes == USE_B)]  # the same for every gate
     return ValCase(str(path), b_slices, region, base)
 
@@ -201,21 +202,20 @@ def b_counts(vc: ValCase, model_b, spec_b, device, amp: bool = True, tta: bool =
     """Pooled counts of B's labels on the slices the cascade sends to B (background outside B's region)."""
     import h5py
 
-    counts = np.zeros((2, 3), np.int64)
     if not vc.b_slices:
-        return counts
+        return np.zeros((2, 3), np.int64)
+    # Runs every epoch: read only B's slices and their context neighbours, not the whole volume.  Inside the
+    # slab, neighbours never need clamping except where the slab edge is the volume's edge, as in the volume.
+    ctx = int(spec_b["context"])
     with h5py.File(vc.path, "r") as f:
-        image = f["image"][:]
+        n = f["image"].shape[0]
+        lo, hi = max(0, vc.b_slices[0] - ctx), min(n, vc.b_slices[-1] + 1 + ctx)
+        slab = f["image"][lo:hi]
         label = f["label"][vc.b_slices]
+    zs = [z - lo for z in vc.b_slices]
     r0, r1, c0, c1 = vc.region
-    pos = {z: i for i, z in enumerate(vc.b_slices)}
+    pos = {z: i for i, z in enumerate(zs)}
     pred = np.zeros(label.shape, np.uint8)
-    for bz, p in tile_probs(model_b, spec_b, image, vc.b_slices, vc.region, device, batch=batch, amp=amp, tta=tta):
+    for bz, p in tile_probs(model_b, spec_b, slab, zs, vc.region, device, batch=batch, amp=amp, tta=tta):
         pred[[pos[z] for z in bz], r0:r1, c0:c1] = p.argmax(dim=1).to(torch.uint8).numpy()
-    return _counts(pred, label)
-
-
-def dice_of(counts: np.ndarray) -> PooledDice:
-    pd = PooledDice()
-    pd.counts = counts.copy()
-    return pd
+    return PooledDice.of(pred, label).counts

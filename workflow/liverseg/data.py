@@ -22,6 +22,21 @@ def context_indices(z: int, n_slices: int, context: int) -> list[int]:
     return [min(max(z + d, 0), n_slices - 1) for d in range(-context, context + 1)]
 
 
+def tile_region(box, size: int, patch: int) -> tuple[int, int, int, int]:
+    """Grow a box (r0, r1, c0, c1) on the S x S grid to at least ``patch`` per side (about its centre, kept inside
+    the slice when the slice is large enough): the region a fixed-scale crop model predicts."""
+    out = []
+    for a0, a1 in ((box[0], box[1]), (box[2], box[3])):
+        a0, a1 = max(0, int(a0)), min(size, int(a1))
+        if a1 - a0 < patch:
+            c = (a0 + a1) // 2
+            a0 = c - patch // 2
+            a0 = min(max(0, a0), max(0, size - patch))
+            a1 = min(size, a0 + patch)
+        out += [a0, a1]
+    return tuple(out)
+
+
 @dataclass
 class CaseIndex:
     path: str
@@ -102,13 +117,15 @@ def epoch_draws(groups: list[list[int]], fractions: list[float], n: int, seed: i
     Each draw is (dataset index, group, draw key); datasets that pick a random patch seed it with the key, so the
     epoch is the same whatever the number of DataLoader workers and whether the run was resumed."""
     rng = np.random.default_rng([seed, epoch])
-    counts = [int(round(n * f)) for f in fractions]
-    counts[-1] = n - sum(counts[:-1])
+    active = [i for i, (g, f) in enumerate(zip(groups, fractions)) if g and f > 0]  # group ids stay positions
+    counts = {i: int(round(n * fractions[i])) for i in active}
+    if active:
+        counts[active[-1]] = n - sum(counts[i] for i in active[:-1])
     idx, grp = [], []
-    for gi, (g, cnt) in enumerate(zip(groups, counts)):
-        if cnt > 0 and g:
-            idx.append(rng.choice(np.asarray(g), size=cnt, replace=True))
-            grp.append(np.full(cnt, gi))
+    for gi in active:
+        if counts[gi] > 0:
+            idx.append(rng.choice(np.asarray(groups[gi]), size=counts[gi], replace=True))
+            grp.append(np.full(counts[gi], gi))
     if not idx:
         return []
     idx, grp = np.concatenate(idx), np.concatenate(grp)
@@ -213,8 +230,6 @@ class LiverPatchDataset(SliceDataset):
         self.patch, self.margin, self.shift = patch, margin, shift
 
     def __getitem__(self, draw):
-        from liverseg.inference import tile_region
-
         i, group, key = draw
         k, z = self.items[i]
         c = self.cases[k]

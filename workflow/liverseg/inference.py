@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from liverseg.data import context_indices, patch_grid
+from liverseg.data import context_indices, patch_grid, tile_region  # noqa: F401 (tile_region: re-exported)
 from liverseg.models import autocast
 
 
@@ -106,21 +106,6 @@ def slice_probs(model, spec: dict, image: np.ndarray, zs: list[int], device: tor
         if out_size and out_size != size_in:
             p = F.interpolate(p, size=(out_size, out_size), mode="bilinear", align_corners=False)
         yield bz, p
-
-
-def tile_region(box, size: int, patch: int) -> tuple[int, int, int, int]:
-    """Grow a box (r0, r1, c0, c1) on the S x S grid to at least ``patch`` per side (about its centre, kept inside
-    the slice when the slice is large enough): the region a fixed-scale crop model predicts."""
-    out = []
-    for a0, a1 in ((box[0], box[1]), (box[2], box[3])):
-        a0, a1 = max(0, int(a0)), min(size, int(a1))
-        if a1 - a0 < patch:
-            c = (a0 + a1) // 2
-            a0 = c - patch // 2
-            a0 = min(max(0, a0), max(0, size - patch))
-            a1 = min(size, a0 + patch)
-        out += [a0, a1]
-    return tuple(out)
 
 
 def _gaussian(patch: int) -> torch.Tensor:

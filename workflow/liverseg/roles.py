@@ -45,29 +45,11 @@ MODES: dict[str, list[str]] = {
 }
 
 EXPERIMENTS: dict[str, dict] = {
-    "v1_3dcnn": {"title": "V1 3D CNN", "mode": "v1_3dcnn"},
-    "v2_unetpp_cca": {"title": "V2 2D UNet++ + CCA", "mode": "model_a"},
-    "v3_convlstm": {"title": "V3 2.5D ConvLSTM", "mode": "v3_convlstm"},
-    "v4_cascade": {"title": "V4 cascade", "mode": "cascade"},
+    "v1_3dcnn": {"mode": "v1_3dcnn"},
+    "v2_unetpp_cca": {"mode": "model_a"},
+    "v3_convlstm": {"mode": "v3_convlstm"},
+    "v4_cascade": {"mode": "cascade"},
 }
 
 GATES = ("route", "suppress")
 
-
-def experiment_roles(experiment: str) -> list[str]:
-    return MODES[EXPERIMENTS[experiment]["mode"]]
-
-
-def training_closure(roles) -> list[str]:
-    """Roles in an order where every role comes after the roles it needs."""
-    out: list[str] = []
-
-    def add(r):
-        for n in ROLES[r]["needs"]:
-            add(n)
-        if r not in out:
-            out.append(r)
-
-    for r in roles:
-        add(r)
-    return out

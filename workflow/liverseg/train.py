@@ -39,23 +39,15 @@ from tqdm import tqdm
 
 from liverseg import __version__
 from liverseg import models as M
-from liverseg.cascade import PooledDice, b_counts, dice_of, prepare_val_case
+from liverseg.cascade import PooledDice, b_counts, prepare_val_case
 from liverseg.data import (LiverPatchDataset, PatchDataset, SequenceDataset, SliceDataset, augment, epoch_draws,
                            index_cases, patch_grid)
 from liverseg.inference import classify, resize_probs_to_slices, segment_sequences, slice_probs, sliding_window_3d
 from liverseg.inference import tta_transforms
-from liverseg.io import atomic_path
+from liverseg.io import atomic_path, content_sha256
 from liverseg.roles import GATES, ROLES
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resume_key(cfg: dict, role: str, split: dict, cases: list, needs: dict | None = None) -> str:
@@ -66,7 +58,7 @@ def resume_key(cfg: dict, role: str, split: dict, cases: list, needs: dict | Non
         "predict_gate": cfg["predict"]["gate"] if role == "model_b" else None,
         "train_cases": split["train"], "val_cases": split["val"],
         "data": [c.identity for c in cases],
-        "needs": {r: file_sha256(p) for r, p in sorted((needs or {}).items())},
+        "needs": {r: content_sha256(p) for r, p in sorted((needs or {}).items())},
         "package_version": __version__,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -196,8 +188,8 @@ def _items_and_groups(cases, role: str, spec: dict):
 
 
 def _sampling(role: str, m: dict, liver, other, tumour, n_items: int):
-    """Groups and their shares of each epoch.  Model B's first group is the tumour group (its patches are
-    centred on tumour); every segmenter oversamples tumour slices."""
+    """Groups and their shares of each epoch (an empty group gets share 0; positions are kept, since model B's
+    dataset centres draws of group 0, the tumour group, on tumour); every segmenter oversamples tumour slices."""
     everything = list(range(n_items))
     sampler = ROLES[role]["sampler"]
     if sampler == "liver_balanced":
@@ -210,14 +202,9 @@ def _sampling(role: str, m: dict, liver, other, tumour, n_items: int):
         lf = m["liver_fraction"]
         tf = min(m.get("tumour_fraction", 0.0), lf)
         groups, fracs = [tumour, liver, everything], [tf, lf - tf, 1 - lf]
-    if sampler == "tumour_patch":
-        # positions matter: LiverPatchDataset centres draws of group 0 on tumour; an empty or zero-share group
-        # simply draws nothing (epoch_draws), and the other group takes the whole epoch
-        total = sum(f for g, f in zip(groups, fracs) if g and f > 0)
-        return groups, [f / total if (g and f > 0 and total) else 0.0 for g, f in zip(groups, fracs)]
-    keep = [(g, f) for g, f in zip(groups, fracs) if g and f > 0]
-    total = sum(f for _, f in keep)
-    return [g for g, _ in keep], [f / total if total else 0.0 for _, f in keep]
+    fracs = [f if g else 0.0 for g, f in zip(groups, fracs)]
+    total = sum(fracs)
+    return groups, [f / total if total else 0.0 for f in fracs]
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -240,9 +227,7 @@ def _volume_counts(model, spec, role, path, device, amp, tta=False) -> np.ndarra
     else:
         for bz, p in slice_probs(model, spec, image, list(range(n)), device, amp=amp, tta=tta, out_size=size):
             pred[bz] = p.argmax(dim=1).to(torch.uint8).numpy()
-    pd = PooledDice()
-    pd.add(pred, label)
-    return pd.counts
+    return PooledDice.of(pred, label).counts
 
 
 def _dice_row(pd: PooledDice) -> dict:
@@ -269,7 +254,7 @@ def validate(model, spec, role, val_cases, device, amp, ctx: dict | None = None)
     else:
         for c in val_cases:
             total += _volume_counts(model, spec, role, c.path, device, amp)
-    return _dice_row(dice_of(total))
+    return _dice_row(PooledDice(total))
 
 
 def _select(model, spec, role, val_cases, device, amp, ctx) -> dict:
@@ -278,14 +263,14 @@ def _select(model, spec, role, val_cases, device, amp, ctx) -> dict:
     table = []
     if role == "model_a":
         for tta in ttas:
-            pd = dice_of(sum(_volume_counts(model, spec, role, c.path, device, amp, tta) for c in val_cases))
+            pd = PooledDice(sum(_volume_counts(model, spec, role, c.path, device, amp, tta) for c in val_cases))
             table.append({"tta": tta, **_dice_row(pd)})
     else:
         b = {tta: [b_counts(vc, model, spec, device, amp, tta) for vc in ctx["val_prepared"]] for tta in ttas}
         for gate in ctx["gates"]:
             for tta in ttas:
                 total = sum(vc.base[gate] + bc for vc, bc in zip(ctx["val_prepared"], b[tta]))
-                table.append({"gate": gate, "tta": tta, **_dice_row(dice_of(total))})
+                table.append({"gate": gate, "tta": tta, **_dice_row(PooledDice(total))})
     best = max(table, key=lambda r: r["score"])  # first of equals: no TTA, the study's routing
     out = {k: best[k] for k in ("gate", "tta") if k in best}
     out["table"] = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in table]
