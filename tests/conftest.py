@@ -80,3 +80,11 @@ def tiny_dataset(tmp_path_factory):
         preprocess_case(str(i), img, paths[str(i)], label_path=lab, size=32)
     split = {"train": ["0", "1"], "val": ["2"], "test": ["3"], "predict": [], "seed": 0, "folds": 1, "fold": 0}
     return root, paths, split
+
+
+def fit(role, paths, split, cfg, out_dir, checkpoint_dir, needs=None, **kw):
+    """Train ``role`` on the split's train/val cases into the standard files of ``out_dir`` (as the rule does)."""
+    from liverseg.train import outputs_in, train
+
+    return train(role, [paths[c] for c in split["train"]], [paths[c] for c in split["val"]], cfg,
+                 outputs_in(out_dir), checkpoint_dir, needs=needs, **kw)

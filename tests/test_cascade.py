@@ -12,7 +12,8 @@ import torch.nn as nn
 import liverseg.predict as P
 from liverseg.cascade import BACKGROUND, USE_A, USE_B, PooledDice, gate_slices, liver_region
 from liverseg.data import LiverPatchDataset, index_cases
-from liverseg.inference import tile_region, tta_transforms
+from liverseg.geometry import tile_region
+from liverseg.inference import tta_transforms
 from liverseg.preprocess import preprocess_case, resize_slab
 from liverseg.train import sensitivity_threshold
 
@@ -95,7 +96,7 @@ def _stub_models(monkeypatch, scores):
         "classifier": (None, {**base, "input_size": S, "threshold": 0.5}),
         "model_b": (_StubB(), {**base, "input_size": 16, "patch_size": 16, "crop_margin": 2, "z_margin": 1}),
     }
-    monkeypatch.setattr(P, "load", lambda path, device=None: specs[path.parent.name])
+    monkeypatch.setattr(P, "load_ensemble", lambda paths, device=None: specs[paths[0].parent.name])
     monkeypatch.setattr(P, "classify", lambda *a, **k: np.asarray(scores, np.float32))
 
 
@@ -105,7 +106,7 @@ def test_cascade_routes_each_slice_as_the_table_says(stub_case, tmp_path, monkey
     scores = [0.9 if z in pos else 0.1 for z in range(Z)]
     _stub_models(monkeypatch, scores)
     out = tmp_path / "p.nii.gz"
-    s = P.predict_case("7", stub_case, tmp_path, out, tmp_path / "s.tsv", mode="cascade", device="cpu",
+    s = P.predict_case("7", stub_case, P.models_in(tmp_path, "cascade"), out, tmp_path / "s.tsv", mode="cascade", device="cpu",
                        gate=gate, tta="false")
     vol = np.asarray(nib.load(out).dataobj)
     slices = [vol[:, :, z].T for z in range(Z)]  # RAS input: stored slice z is canonical[:, :, z].T

@@ -44,3 +44,54 @@ def test_evaluate_shape_mismatch_names_the_case(tmp_path):
     r = run("evaluate-case", "--case", "x1", "--pred", str(tmp_path / "p.nii.gz"), "--ref", str(tmp_path / "r.nii.gz"),
             str(tmp_path / "o.tsv"))
     assert r.returncode == 1 and "case x1: prediction shape (4, 4, 4) differs from reference shape (4, 4, 5)" in r.stderr
+
+
+COMMANDS += ["check", "show-config", "predict", "kaggle"]
+
+
+def test_cli_defaults_are_the_schema_defaults():
+    """The CLI holds no defaults of its own: each option that mirrors a config key defaults to the schema's value."""
+    from liverseg.cli import build_parser
+    from liverseg.config import default
+
+    p = build_parser()
+    sub = {a.dest: a for a in p._subparsers._group_actions[0].choices["preprocess"]._actions}
+    for opt, key in (("lower", "window.lower"), ("upper", "window.upper"), ("mode", "window.mode"),
+                     ("size", "slices.size"), ("compression", "slices.compression"),
+                     ("affine_tolerance", "ingest.affine_tolerance")):
+        assert sub[opt].default == default(key), opt
+    sub = {a.dest: a for a in p._subparsers._group_actions[0].choices["split"]._actions}
+    assert sub["test_fraction"].default == default("split.test_fraction")
+    sub = {a.dest: a for a in p._subparsers._group_actions[0].choices["postprocess"]._actions}
+    assert sub["connectivity"].default == default("postprocess.connectivity")
+
+
+def test_a_bad_config_value_is_one_line_naming_the_key(tmp_path):
+    r = run("train", "--role", "model_a", "--config-json", '{"train": {"model_a": {"lr": -1}}}',
+            "--train", str(tmp_path / "a.h5"), "--checkpoint-dir", str(tmp_path / "ck"), "--out-model", "m.pt",
+            "--out-spec", "m.json", "--out-log", "l.csv", "--out-curves", "c.png")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("liverseg train: error: invalid config value at 'train.model_a.lr'")
+    r = run("show-config", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 1 and r.stderr.strip().startswith("liverseg show-config: error: cannot read config")
+
+
+def test_show_config_prints_the_training_view(tmp_path):
+    import json
+
+    (tmp_path / "c.yaml").write_text("train:\n  threads: 7\n  model_b:\n    lr: 0.5\n")
+    r = run("show-config", "--training-view", "model_b", str(tmp_path / "c.yaml"))
+    view = json.loads(r.stdout)
+    assert view["train"]["model_b"]["lr"] == 0.5 and "model_a" not in view["train"]
+    assert "threads" not in view["train"] and "compression" not in view["slices"]  # how a job runs, not what it learns
+
+
+def test_malformed_pairs_and_an_empty_export_are_one_line(tmp_path):
+    r = run("predict-case", "--case", "1", "--h5", "x.h5", "--model", "model_a", "out.nii.gz")
+    assert r.returncode == 1 and r.stderr.strip() == "liverseg predict-case: error: expected role=FILE, got 'model_a'"
+    r = run("predict-case", "--case", "1", "--h5", "x.h5", "--model", "model_z=m.pt", "out.nii.gz")
+    assert r.returncode == 1 and "unknown role 'model_z'" in r.stderr
+    r = run("kaggle", "--out", str(tmp_path / "s.csv"))
+    assert r.returncode == 1 and r.stderr.strip().startswith("liverseg kaggle: error: no predictions to export")
+    assert not (tmp_path / "s.csv").exists()

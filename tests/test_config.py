@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from liverseg import config
+from liverseg.errors import ConfigError
 
 from conftest import ROOT
 
@@ -29,7 +30,7 @@ def test_repo_config_is_valid():
     ({"train": {"model_a": {"epochs": 0}}}, "train.model_a.epochs"),
 ])
 def test_bad_values_name_the_key(bad, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.load(None, bad)
 
 

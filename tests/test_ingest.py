@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from liverseg.ingest import discover, discover_directory, read_samplesheet, write_case_table, read_case_table
+from liverseg.errors import ConfigError
 
 from conftest import write_nifti
 
@@ -71,7 +72,7 @@ def test_samplesheet_relative_paths_and_bad_ids(tmp_path):
 
 def test_samplesheet_missing_column(tmp_path):
     (tmp_path / "s.tsv").write_text("id\timage\n1\ta.nii\n")
-    with pytest.raises(ValueError, match="case_id"):
+    with pytest.raises(ConfigError, match="case_id"):
         read_samplesheet(tmp_path / "s.tsv")
 
 
@@ -79,5 +80,15 @@ def test_discover_from_config(tmp_path):
     cfg = {"results": "res", "dataset": {"source": "phantom", "phantom": {"n_cases": 3}}}
     d = discover(cfg)
     assert [c.image for c in d.cases][0] == "res/ingest/phantom/volume-0.nii.gz"
-    with pytest.raises(ValueError, match="dataset.directory is empty"):
+    with pytest.raises(ConfigError, match="dataset.directory is empty"):
         discover({"results": "r", "dataset": {"source": "directory", "directory": ""}})
+
+
+def test_samplesheet_columns_follow_the_schema(tmp_path):
+    """A misspelt column is an error (it would silently make labelled cases predict-only), per the sheet schema."""
+    (tmp_path / "s.tsv").write_text("case_id\timage\tlable\n1\ta.nii\tb.nii\n")
+    with pytest.raises(ConfigError, match="'lable' was unexpected"):
+        read_samplesheet(tmp_path / "s.tsv")
+    (tmp_path / "ok.tsv").write_text("case_id\timage\tlabel\n1\ta.nii\t\n2\tb.nii\tc.nii\n")
+    found = read_samplesheet(tmp_path / "ok.tsv")
+    assert [c.labelled for c in found.cases] == [False, True]

@@ -10,9 +10,8 @@ from liverseg.cascade import AOutput
 from liverseg.errors import ModelFileError
 from liverseg.phantom import PhantomSpec, generate
 from liverseg.preprocess import preprocess_case
-from liverseg.train import train
 
-from conftest import tiny_config, write_nifti
+from conftest import fit, tiny_config, write_nifti
 
 
 @pytest.mark.parametrize("codes", [("L", "P", "S"), ("R", "A", "I"), ("A", "S", "R"), ("P", "I", "L")])
@@ -30,14 +29,14 @@ def test_prediction_lands_on_the_original_grid(tmp_path, monkeypatch, codes):
     _, _, attrs, label = P.read_case(h5, "5")
 
     spec = {"window": {"mode": "fixed", "lower": -150.0, "upper": 250.0}, "slice_size": 40}
-    monkeypatch.setattr(P, "load", lambda *a, **k: (None, spec))
+    monkeypatch.setattr(P, "load_ensemble", lambda *a, **k: (None, spec))
 
     def oracle(model, spec, image, device, **kw):  # model A's probabilities = the one-hot reference label
         onehot = np.moveaxis(np.eye(3, dtype=np.float16)[label], -1, 1)
         return AOutput(onehot, label)
 
     monkeypatch.setattr(P, "run_a", oracle)
-    P.predict_case("5", h5, tmp_path / "models", tmp_path / "pred.nii.gz", tmp_path / "s.tsv", mode="model_a")
+    P.predict_case("5", h5, P.models_in(tmp_path / "models", "model_a"), tmp_path / "pred.nii.gz", tmp_path / "s.tsv", mode="model_a")
     out = nib.load(tmp_path / "pred.nii.gz")
     assert np.allclose(out.affine, aff_o) and out.shape == img_o.shape
     assert np.array_equal(np.asanyarray(out.dataobj), lab_o)
@@ -50,13 +49,13 @@ def tiny_models(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("models")
     for role in ("classifier", "model_a", "model_b"):
         needs = {r: str(out / r / "model.pt") for r in ("classifier", "model_a")} if role == "model_b" else None
-        train(role, paths, split, tiny_config(), out / role, out / "ck" / role, needs=needs)
+        fit(role, paths, split, tiny_config(), out / role, out / "ck" / role, needs=needs)
     return out
 
 
 def test_cascade_writes_prediction_and_gating_table(tiny_dataset, tiny_models, tmp_path):
     root, paths, _ = tiny_dataset
-    s = P.predict_case("3", paths["3"], tiny_models, tmp_path / "p.nii.gz", tmp_path / "s.tsv", mode="cascade",
+    s = P.predict_case("3", paths["3"], P.models_in(tiny_models, "cascade"), tmp_path / "p.nii.gz", tmp_path / "s.tsv", mode="cascade",
                        device="cpu")
     src = nib.load(root / "volume-3.nii.gz")
     out = nib.load(tmp_path / "p.nii.gz")
@@ -83,7 +82,7 @@ def test_models_from_another_window_are_refused(tiny_dataset, tiny_models, tmp_p
     preprocess_case("3", root / "volume-3.nii.gz", h5, label_path=root / "segmentation-3.nii.gz", size=32,
                     lower=-100, upper=200)
     with pytest.raises(ModelFileError, match="window mode, lower, upper, size"):
-        P.predict_case("3", h5, tiny_models, tmp_path / "p.nii.gz", mode="model_a", device="cpu")
+        P.predict_case("3", h5, P.models_in(tiny_models, "model_a"), tmp_path / "p.nii.gz", mode="model_a", device="cpu")
     assert not (tmp_path / "p.nii.gz").exists()
 
 

@@ -12,9 +12,9 @@ import torch
 
 from liverseg import models as M
 from liverseg.errors import ModelFileError
-from liverseg.train import resume_key, soft_dice_loss, train
+from liverseg.train import resume_key, soft_dice_loss
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, fit, tiny_config
 
 
 def _weights(path):
@@ -35,9 +35,9 @@ def test_training_outputs_and_reload(tiny_dataset, tmp_path, role):
     needs = {}
     if role == "model_b":  # validated through the cascade: needs the classifier and model A
         for r in ("classifier", "model_a"):
-            train(r, paths, split, cfg, tmp_path / r, tmp_path / f"ck_{r}")
+            fit(r, paths, split, cfg, tmp_path / r, tmp_path / f"ck_{r}")
             needs[r] = str(tmp_path / r / "model.pt")
-    spec = train(role, paths, split, cfg, tmp_path / "out", tmp_path / "ckpt", needs=needs)
+    spec = fit(role, paths, split, cfg, tmp_path / "out", tmp_path / "ckpt", needs=needs)
     out = tmp_path / "out"
     for f in ("model.pt", "model.json", "log.csv", "curves.png"):
         assert (out / f).stat().st_size > 0
@@ -64,11 +64,11 @@ def test_training_outputs_and_reload(tiny_dataset, tmp_path, role):
 def test_same_seed_same_weights_and_other_seed_differs(tiny_dataset, tmp_path):
     _, paths, split = tiny_dataset
     cfg = tiny_config()
-    train("model_a", paths, split, cfg, tmp_path / "a", tmp_path / "ca")
-    train("model_a", paths, split, cfg, tmp_path / "b", tmp_path / "cb")
+    fit("model_a", paths, split, cfg, tmp_path / "a", tmp_path / "ca")
+    fit("model_a", paths, split, cfg, tmp_path / "b", tmp_path / "cb")
     wa, wb = _weights(tmp_path / "a" / "model.pt"), _weights(tmp_path / "b" / "model.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    train("model_a", paths, split, tiny_config(train={"seed": 1}), tmp_path / "c", tmp_path / "cc")
+    fit("model_a", paths, split, tiny_config(train={"seed": 1}), tmp_path / "c", tmp_path / "cc")
     wc = _weights(tmp_path / "c" / "model.pt")
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
@@ -77,11 +77,11 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_dataset, tmp_path
     """SIGKILL a training process after its first epoch checkpoint; the rerun resumes and matches a clean run."""
     _, paths, split = tiny_dataset
     cfg = tiny_config(train={"model_a": {"epochs": 4}})
-    h5dir = os.path.dirname(paths["0"])
-    (tmp_path / "split.json").write_text(json.dumps(split))
-    cmd = [sys.executable, "-m", "liverseg", "train", "--role", "model_a", "--split", str(tmp_path / "split.json"),
-           "--h5-dir", h5dir, "--config-json", json.dumps(cfg), "--checkpoint-dir", str(tmp_path / "ck"),
-           str(tmp_path / "out")]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "liverseg", "train", "--role", "model_a", "--train", *[paths[c] for c in split["train"]],
+           "--val", *[paths[c] for c in split["val"]], "--config-json", json.dumps(cfg),
+           "--checkpoint-dir", str(tmp_path / "ck"), "--threads", "1", "--out-model", str(out / "model.pt"),
+           "--out-spec", str(out / "model.json"), "--out-log", str(out / "log.csv"), "--out-curves", str(out / "c.png")]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     ck = tmp_path / "ck" / "last.pt"
     deadline = time.time() + 120
@@ -95,14 +95,14 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_dataset, tmp_path
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming from checkpoint after epoch {done}" in r.stderr
-    train("model_a", paths, split, cfg, tmp_path / "clean", tmp_path / "ck_clean")
+    fit("model_a", paths, split, cfg, tmp_path / "clean", tmp_path / "ck_clean")
     wa, wb = _weights(tmp_path / "out" / "model.pt"), _weights(tmp_path / "clean" / "model.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_bad_model_files_give_clear_errors(tiny_dataset, tmp_path):
     _, paths, split = tiny_dataset
-    train("classifier", paths, split, tiny_config(), tmp_path / "m", tmp_path / "c")
+    fit("classifier", paths, split, tiny_config(), tmp_path / "m", tmp_path / "c")
     good = tmp_path / "m" / "model.pt"
     with pytest.raises(ModelFileError, match="model file missing"):
         M.load(tmp_path / "nope.pt")
@@ -129,7 +129,8 @@ def test_bad_model_files_give_clear_errors(tiny_dataset, tmp_path):
     with pytest.raises(ModelFileError, match="do not match the architecture"):
         M.load(bad)
     r = subprocess.run([sys.executable, "-m", "liverseg", "predict-case", "--case", "3", "--h5", paths["3"],
-                        "--models", str(tmp_path / "none"), str(tmp_path / "p.nii.gz")],
+                        "--model", f"model_a={tmp_path / 'none' / 'model.pt'}", "--mode", "model_a",
+                        str(tmp_path / "p.nii.gz")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("liverseg predict-case: error: model file missing")
 
@@ -141,10 +142,10 @@ def test_finished_training_is_never_resumed(tiny_dataset, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="liverseg.train")
     _, paths, split = tiny_dataset
     cfg = tiny_config(train={"model_a": {"epochs": 3}})
-    train("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
+    fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
     assert not (tmp_path / "ck" / "last.pt").exists()
     caplog.clear()
-    train("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
+    fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
     assert "resuming" not in caplog.text
     assert len([r for r in caplog.records if '"train_loss"' in r.getMessage()]) == 3
 
@@ -190,8 +191,8 @@ def test_changed_label_under_the_same_id_retrains(tiny_dataset, tmp_path, monkey
         arr[tuple(np.argwhere(arr >= 1)[0])] = 0  # one voxel of the reference corrected
 
     fixed = _copy_case(paths, tmp_path / "b", edit)
-    keys = [resume_key(cfg, "model_a", split, index_cases([p[c] for c in split["train"] + split["val"]]))
-            for p in (paths, same, fixed)]
+    keys = [resume_key(cfg, "model_a", index_cases([p[c] for c in split["train"]]),
+                       index_cases([p[c] for c in split["val"]])) for p in (paths, same, fixed)]
     assert keys[0] == keys[1] != keys[2]
 
     real_validate = T.validate
@@ -208,11 +209,11 @@ def test_changed_label_under_the_same_id_retrains(tiny_dataset, tmp_path, monkey
         ck = tmp_path / f"ck_{expect[:3]}"
         monkeypatch.setattr(T, "validate", interrupt_after_first_epoch)
         with pytest.raises(KeyboardInterrupt):
-            train("model_a", same, split, cfg, tmp_path / "out", ck)
+            fit("model_a", same, split, cfg, tmp_path / "out", ck)
         assert (ck / "last.pt").exists()
         monkeypatch.setattr(T, "validate", real_validate)
         caplog.clear()
-        train("model_a", data, split, cfg, tmp_path / "out", ck)
+        fit("model_a", data, split, cfg, tmp_path / "out", ck)
         assert expect in caplog.text
         epochs_now = len([r for r in caplog.records if '"train_loss"' in r.getMessage()])
         assert epochs_now == (1 if data is same else 2)  # resumed: the last epoch only; afresh: every epoch

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from liverseg.inference import slice_probs, tile_probs, tile_region
+from liverseg.geometry import bbox, grow, region_of, tile_region, z_range
+from liverseg.inference import slice_probs, tile_probs
 from liverseg.postprocess import largest_component
 
 log = logging.getLogger(__name__)
@@ -68,18 +69,13 @@ def run_a(model, spec, image: np.ndarray, device, batch: int = 16, amp: bool = T
 def liver_region(a_labels: np.ndarray, margin: int, z_margin: int, patch: int):
     """(slices where A's largest 3D liver component lies (Z,) bool, B's region (r0, r1, c0, c1) or None,
     B's z-range (z0, z1) or None) from A's labels (Z, S, S) on the stored grid."""
-    n, size = a_labels.shape[0], a_labels.shape[-1]
+    size = a_labels.shape[-1]
     comp = largest_component(a_labels >= 1, connectivity=26)
     present = comp.any(axis=(1, 2))
     if not present.any():
         return present, None, None
-    zs = np.flatnonzero(present)
-    rows = np.flatnonzero(comp.any(axis=(0, 2)))
-    cols = np.flatnonzero(comp.any(axis=(0, 1)))
-    box = (rows[0] - margin, rows[-1] + 1 + margin, cols[0] - margin, cols[-1] + 1 + margin)
-    region = tile_region(box, size, patch)
-    zrange = (max(0, int(zs[0]) - z_margin), min(n, int(zs[-1]) + 1 + z_margin))
-    return present, region, zrange
+    region = tile_region(grow(region_of(bbox(comp)), margin), size, patch)
+    return present, region, z_range(present, z_margin)
 
 
 def gate_slices(scores: np.ndarray, threshold: float, present: np.ndarray, zrange, gate: str) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""Load a liverseg config the same way the Snakefile does: one JSON schema, defaults filled in."""
+"""Load a liverseg config the same way the Snakefile does: one JSON schema, defaults filled in.
+
+The schema (workflow/schemas/config.schema.yaml) is the only place defaults live: the CLI's option defaults come
+from ``default()`` and the stages' views of the config from the functions below.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,11 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+from liverseg.errors import ConfigError
+from liverseg.roles import ROLES
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
 
 
 def _with_defaults(cls):
@@ -29,22 +37,32 @@ def schema() -> dict:
         return yaml.safe_load(fh)
 
 
+def sample_row_errors(row: dict) -> list[str]:
+    """Messages for one sample-sheet row against workflow/schemas/samples.schema.yaml (empty when valid)."""
+    with open(SCHEMA_DIR / "samples.schema.yaml") as fh:
+        validator = jsonschema.Draft202012Validator(yaml.safe_load(fh))
+    return [e.message for e in validator.iter_errors(row)]
+
+
 def validate(cfg: dict) -> dict:
-    """Validate in place and fill defaults; raise ValueError naming the offending key."""
+    """Validate in place and fill defaults; raise ConfigError naming the offending key."""
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]
         key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise ValueError(f"invalid config value at '{key}': {e.message}")
+        raise ConfigError(f"invalid config value at '{key}': {e.message}")
     return cfg
 
 
 def load(path: str | Path | None = None, overrides: dict | None = None) -> dict:
     cfg = {}
     if path is not None:
-        with open(path) as fh:
-            cfg = yaml.safe_load(fh) or {}
+        try:
+            with open(path) as fh:
+                cfg = yaml.safe_load(fh) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {str(exc).splitlines()[0]}") from None
     if overrides:
         _merge(cfg, overrides)
     return validate(cfg)
@@ -56,3 +74,35 @@ def _merge(base: dict, extra: dict) -> None:
             _merge(base[k], v)
         else:
             base[k] = v
+
+
+_DEFAULTS: dict | None = None
+
+
+def default(dotted: str):
+    """The schema's default of one key, e.g. ``default("window.lower")`` (the CLI's option defaults)."""
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        _DEFAULTS = validate({})
+    v = _DEFAULTS
+    for k in dotted.split("."):
+        v = v[k]
+    return copy.deepcopy(v)
+
+
+# Settings that change how a job runs, not what it computes: they never retrain a model or restart a checkpoint.
+EXECUTION_ONLY = {"train": ("threads", "device", "workers"), "slices": ("compression",)}
+
+
+def training_view(cfg: dict, role: str) -> dict:
+    """Everything training ``role`` reads from the config and nothing else: the window and slice settings the
+    data was made with, the shared training keys, the role's own section and, for a role validated through the
+    cascade, the gate.  The workflow's train rule passes exactly this (so an edit elsewhere reruns nothing) and
+    the resume key hashes exactly this."""
+    train = {k: v for k, v in cfg["train"].items() if k not in ROLES and k not in EXECUTION_ONLY["train"]}
+    train[role] = cfg["train"][role]
+    out = {"window": cfg["window"], "train": train,
+           "slices": {k: v for k, v in cfg["slices"].items() if k not in EXECUTION_ONLY["slices"]}}
+    if ROLES[role]["validator"] == "cascade":
+        out["predict"] = {"gate": cfg["predict"]["gate"]}
+    return out

@@ -16,25 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def context_indices(z: int, n_slices: int, context: int) -> list[int]:
-    """Neighbour slice indices z-context..z+context, repeating the edge slice beyond the volume."""
-    return [min(max(z + d, 0), n_slices - 1) for d in range(-context, context + 1)]
-
-
-def tile_region(box, size: int, patch: int) -> tuple[int, int, int, int]:
-    """Grow a box (r0, r1, c0, c1) on the S x S grid to at least ``patch`` per side (about its centre, kept inside
-    the slice when the slice is large enough): the region a fixed-scale crop model predicts."""
-    out = []
-    for a0, a1 in ((box[0], box[1]), (box[2], box[3])):
-        a0, a1 = max(0, int(a0)), min(size, int(a1))
-        if a1 - a0 < patch:
-            c = (a0 + a1) // 2
-            a0 = c - patch // 2
-            a0 = min(max(0, a0), max(0, size - patch))
-            a1 = min(size, a0 + patch)
-        out += [a0, a1]
-    return tuple(out)
+from liverseg.geometry import context_indices, crop_padded, grow, tile_region, z_range
 
 
 @dataclass
@@ -49,10 +31,7 @@ class CaseIndex:
 
     def liver_zrange(self, z_margin: int) -> tuple[int, int] | None:
         """Slices of the reference liver plus ``z_margin`` on each side (model B's z-range in training)."""
-        zs = np.flatnonzero(self.liver)
-        if zs.size == 0:
-            return None
-        return max(0, int(zs[0]) - z_margin), min(self.n_slices, int(zs[-1]) + 1 + z_margin)
+        return z_range(self.liver, z_margin)
 
 
 def index_cases(paths: list[str]) -> list[CaseIndex]:
@@ -206,16 +185,6 @@ class PatchDataset(SliceDataset):
         return torch.from_numpy(img)[None], torch.from_numpy(lab), torch.tensor(float((lab >= 1).any()))
 
 
-def patch_grid(n: int, patch: int) -> list[int]:
-    """Patch origins along one axis: stride patch/2, last patch flush with the end (or 0 if the axis is short)."""
-    if n <= patch:
-        return [0]
-    starts = list(range(0, n - patch + 1, max(1, patch // 2)))
-    if starts[-1] != n - patch:
-        starts.append(n - patch)
-    return starts
-
-
 class LiverPatchDataset(SliceDataset):
     """Model B: a ``patch`` x ``patch`` crop of the stored grid (never rescaled) around the liver.
 
@@ -238,8 +207,7 @@ class LiverPatchDataset(SliceDataset):
         p, size = self.patch, c.size
         _, _, r0, r1, c0, c1 = (int(v) for v in c.bbox3d)
         jitter = rng.integers(-self.shift, self.shift + 1, size=4) if self.shift else np.zeros(4, int)
-        box = (r0 - self.margin + jitter[0], r1 + self.margin + jitter[1],
-               c0 - self.margin + jitter[2], c1 + self.margin + jitter[3])
+        box = tuple(int(e + j) for e, j in zip(grow((r0, r1, c0, c1), self.margin), jitter))
         box = (box[0], max(box[1], box[0] + 1), box[2], max(box[3], box[2] + 1))
         region = tile_region(box, size, p)
         lab_full = f["label"][z]
@@ -256,11 +224,7 @@ class LiverPatchDataset(SliceDataset):
         ro, co = origin
         idx = context_indices(z, c.n_slices, self.context)
         lo, hi_ = idx[0], idx[-1] + 1
-        block = f["image"][lo:hi_, ro : ro + p, co : co + p]
-        img = np.zeros((len(idx), p, p), np.float32)
-        src = block[[j - lo for j in idx]]
-        img[:, : src.shape[1], : src.shape[2]] = src
-        lab = np.zeros((p, p), np.int64)
-        ls = lab_full[ro : ro + p, co : co + p]
-        lab[: ls.shape[0], : ls.shape[1]] = ls
+        block = f["image"][lo:hi_, ro : ro + p, co : co + p].astype(np.float32)
+        img = crop_padded(block[[j - lo for j in idx]], 0, 0, p)
+        lab = crop_padded(lab_full, ro, co, p).astype(np.int64)
         return torch.from_numpy(img), torch.from_numpy(lab), torch.tensor(float(c.liver[z]))

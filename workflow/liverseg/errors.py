@@ -12,8 +12,8 @@ class CaseError(Exception):
         self.message = message
 
 
-class ConfigError(Exception):
-    """A configuration value that the schema cannot catch (e.g. a file it points to is missing)."""
+class ConfigError(ValueError):
+    """A configuration value or command-line argument that is wrong: the message names the key or option."""
 
 
 class ModelFileError(Exception):

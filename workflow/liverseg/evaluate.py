@@ -13,17 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
+from liverseg.config import default
 from liverseg.errors import CaseError
 from liverseg.io import atomic_path, load_nifti, read_labels
 from liverseg.metrics import case_metrics
 
 COLUMNS = [
     "case", "class", "dice", "jaccard", "voe", "rvd", "assd", "mssd", "hd95", "pred_ml", "ref_ml",
-    "ref_lesions", "pred_lesions", "detected", "lesion_precision", "lesion_recall", "lesion_f1", "tumour_burden_error",
+    "pred_voxels", "ref_voxels", "overlap_voxels", "ref_lesions", "pred_lesions", "detected", "lesion_precision", "lesion_recall", "lesion_f1", "tumour_burden_error",
 ]
 
 
-def evaluate_case(case: str, pred_path, ref_path, out_tsv, affine_tolerance: float = 1e-3) -> list[dict]:
+def evaluate_case(case: str, pred_path, ref_path, out_tsv,
+                  affine_tolerance: float = default("ingest.affine_tolerance")) -> list[dict]:
     pred_img = load_nifti(pred_path, case, "prediction")
     ref_img = load_nifti(ref_path, case, "reference label")
     if pred_img.shape != ref_img.shape:
@@ -70,17 +72,21 @@ def _stats(vals: list[float]) -> dict:
             "median": float(np.median(arr)), "n": int(arr.size), "undefined": undefined}
 
 
-def aggregate(rows: list[dict], ref_voxels: dict | None = None) -> dict:
-    """Per-case statistics of every metric per class, plus Dice global (pooled over all cases)."""
+COUNTS = ("ref_lesions", "pred_lesions", "detected", "pred_voxels", "ref_voxels", "overlap_voxels")
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """Per-case statistics of every metric per class, plus Dice global: 2 * sum(overlap voxels) / sum(predicted +
+    reference voxels) over all cases, as LiTS pools it (voxel counts, not mL: a case with small voxels would
+    otherwise weigh less than its voxels do), and the per-case Dice for plots."""
     out = {}
     for cls in ("liver", "tumour"):
         cr = [r for r in rows if r["class"] == cls]
-        block = {m: _stats([r[m] for r in cr]) for m in COLUMNS[2:] if m not in ("ref_lesions", "pred_lesions", "detected")}
-        # Dice global: 2 * sum(intersection) / sum(|pred| + |ref|), from the per-case volumes and Dice.
-        inter = sum(r["dice"] * (r["pred_ml"] + r["ref_ml"]) / 2 for r in cr)
-        total = sum(r["pred_ml"] + r["ref_ml"] for r in cr)
-        block["dice_global"] = (2 * inter / total) if total else None
+        block = {m: _stats([r[m] for r in cr]) for m in COLUMNS[2:] if m not in COUNTS}
+        total = sum(r["pred_voxels"] + r["ref_voxels"] for r in cr)
+        block["dice_global"] = (2 * sum(r["overlap_voxels"] for r in cr) / total) if total else None
         block["cases"] = len(cr)
+        block["dice_per_case"] = {r["case"]: r["dice"] for r in cr}
         if cls == "tumour":
             nref = sum(r["ref_lesions"] or 0 for r in cr)
             block["lesions_ref"] = int(nref)

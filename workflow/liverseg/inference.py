@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from liverseg.data import context_indices, patch_grid, tile_region  # noqa: F401 (tile_region: re-exported)
+from liverseg.geometry import context_indices, patch_grid
 from liverseg.models import autocast
 
 

@@ -1,16 +1,29 @@
-"""Find the cases of a dataset: LiTS / Kaggle folders, Medical Segmentation Decathlon folders, or a sample sheet.
+"""Find the cases of a dataset (LiTS / Kaggle folders, Medical Segmentation Decathlon folders, a sample sheet)
+and check each one before anything else reads it.
 
 Discovery never reads image data; it only pairs files.  Problems that belong to one case (a path that does not
 exist, an unreadable file) are left for that case's preprocessing job, so one bad case cannot stop the others.
 Problems that make a case id unusable (invalid characters, duplicates) reject the case here with a reason.
+``check_case`` then reads each case once and records a verdict (ok, or a one-line error), which the split reads.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from liverseg.config import default, sample_row_errors
+from liverseg.errors import CaseError, ConfigError
+from liverseg.io import atomic_path, geometry_of, load_nifti, read_raw
+
+log = logging.getLogger(__name__)
+SLAB = 32  # slices checked at once: bounds the float working memory whatever the volume size
 
 CASE_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _LITS_RE = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
@@ -119,9 +132,10 @@ def read_samplesheet(path: str | Path) -> Discovery:
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh, delimiter="\t")
         cols = reader.fieldnames or []
-        missing = {"case_id", "image"} - set(cols)
-        if missing:
-            raise ValueError(f"sample sheet {path} lacks column(s) {sorted(missing)}; it has {cols}")
+        # The columns, checked once against the schema (workflow/schemas/samples.schema.yaml).
+        errors = sample_row_errors({c: "" for c in cols})
+        if errors:
+            raise ConfigError(f"sample sheet {path}: {'; '.join(errors)} (columns: {cols})")
         rows = list(reader)
     found: dict[str, list[Case]] = {}
     rejected: list[tuple[str, str]] = []
@@ -149,14 +163,19 @@ def phantom_cases(n_cases: int, folder: str = "results/ingest/phantom") -> Disco
 
 
 def write_case_table(discovery: Discovery, path: str | Path) -> None:
-    from liverseg.io import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "w") as fh:
         fh.write("case_id\timage\tlabel\tstatus\treason\n")
         for c in discovery.cases:
             fh.write(f"{c.case_id}\t{c.image}\t{c.label or ''}\t{'labelled' if c.labelled else 'predict-only'}\t\n")
         for cid, reason in discovery.rejected:
             fh.write(f"{cid}\t\t\trejected\t{reason}\n")
+
+
+def write_dataset_table(cfg: dict, path: str | Path) -> Discovery:
+    """The workflow's case table: discover the configured dataset and write what was found and rejected."""
+    found = discover(cfg)
+    write_case_table(found, path)
+    return found
 
 
 def read_case_table(path: str | Path) -> list[dict]:
@@ -171,8 +190,73 @@ def discover(cfg: dict) -> Discovery:
         return phantom_cases(ds["phantom"]["n_cases"], f"{cfg['results']}/ingest/phantom")
     if ds["source"] == "directory":
         if not ds["directory"]:
-            raise ValueError("dataset.source is 'directory' but dataset.directory is empty")
+            raise ConfigError("dataset.source is 'directory' but dataset.directory is empty")
         return discover_directory(ds["directory"])
     if not ds["samplesheet"]:
-        raise ValueError("dataset.source is 'samplesheet' but dataset.samplesheet is empty")
+        raise ConfigError("dataset.source is 'samplesheet' but dataset.samplesheet is empty")
     return read_samplesheet(ds["samplesheet"])
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_label_values(raw: np.ndarray, slope: float, inter: float, case: str) -> None:
+    """Labels must be integers in {0, 1, 2}.  Checked with min/max first (O(n), no sort), unique only on failure."""
+    lo, hi = raw.min(), raw.max()
+    if raw.dtype.kind == "f" or (slope, inter) != (1.0, 0.0):
+        lo, hi = lo * slope + inter, hi * slope + inter
+        for z0 in range(0, raw.shape[-1], SLAB):  # slab-wise, so no float copy of the whole volume is made
+            v = raw[..., z0 : z0 + SLAB].astype(np.float32) * slope + inter
+            if not np.all(np.isfinite(v)) or not np.array_equal(v, np.round(v)):
+                raise CaseError(case, "label holds non-integer values; expected integers 0 (bg), 1 (liver), 2 (tumour)")
+    if lo < 0 or hi > 2:
+        vals = np.unique(raw) * slope + inter
+        bad = sorted(set(np.rint(vals).astype(np.int64).tolist()) - {0, 1, 2})
+        raise CaseError(case, f"label values {bad[:5]} outside {{0, 1, 2}} (0 bg, 1 liver, 2 tumour)")
+
+
+def load_validated(case: str, image_path, label_path=None, affine_tolerance: float = default("ingest.affine_tolerance")):
+    """Read a case and check everything that can be wrong with it; raise CaseError (one line) otherwise.
+
+    Returns (geometry, raw image in its stored dtype, slope, intercept, uint8 label or None)."""
+    img = load_nifti(image_path, case, "image")
+    geom = geometry_of(img)
+    raw, slope, inter = read_raw(img, case, image_path, "image")
+    if raw.dtype.kind not in "iuf":
+        raise CaseError(case, f"image {image_path} has unsupported data type {raw.dtype}")
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+        raise CaseError(case, f"image {image_path} holds NaN or infinite voxels")
+    rmin, rmax = raw.min(), raw.max()
+    if rmin == rmax:
+        raise CaseError(case, f"image {image_path} is constant (every voxel {float(rmin) * slope + inter:g})")
+
+    lab_raw = None
+    if label_path is not None:
+        lab_img = load_nifti(label_path, case, "label")
+        if lab_img.shape[:3] != img.shape[:3]:
+            raise CaseError(case, f"label shape {lab_img.shape[:3]} differs from image shape {img.shape[:3]}")
+        if not np.allclose(lab_img.affine, img.affine, atol=affine_tolerance, rtol=0):
+            diff = float(np.abs(lab_img.affine - img.affine).max())
+            raise CaseError(case, f"label affine differs from image affine by {diff:.4g} (tolerance {affine_tolerance})")
+        lab, lslope, linter = read_raw(lab_img, case, label_path, "label")
+        check_label_values(lab, lslope, linter, case)
+        lab_raw = lab if lab.dtype == np.uint8 and (lslope, linter) == (1.0, 0.0) else (
+            np.rint(lab * lslope + linter).astype(np.uint8)
+        )
+    return geom, raw, slope, inter, lab_raw
+
+
+def check_case(case: str, image_path, out_json, label_path=None, affine_tolerance: float = default("ingest.affine_tolerance")) -> dict:
+    """Validate a case and record the verdict as JSON; a bad case is a verdict, not a crash of the workflow.
+
+    The workflow's split reads these verdicts, so one bad case drops out instead of blocking every case after it.
+    """
+    try:
+        _, _, _, _, lab = load_validated(case, image_path, label_path, affine_tolerance)
+        status = {"case": case, "ok": True, "error": ""}
+        if lab is not None and not (lab >= 1).any():
+            log.warning("case %s: the label holds no liver", case)
+            status["warning"] = "label holds no liver"
+    except CaseError as exc:
+        status = {"case": case, "ok": False, "error": str(exc)}
+    with atomic_path(out_json) as tmp:
+        Path(tmp).write_text(json.dumps(status) + "\n")
+    return status

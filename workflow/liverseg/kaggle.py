@@ -12,6 +12,7 @@ import csv
 import nibabel as nib
 import numpy as np
 
+from liverseg.errors import ConfigError
 from liverseg.io import atomic_path
 
 
@@ -35,6 +36,9 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
 
 def write_submission(predictions: dict[str, str], out_csv) -> int:
     """``predictions`` maps volume id -> label NIfTI path.  Returns the number of rows written."""
+    if not predictions:
+        raise ConfigError("no predictions to export: the dataset has no predict-only cases (a competition's test "
+                          "set); set kaggle.cases: test to export the labelled test cases instead")
     n = 0
     with atomic_path(out_csv) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)

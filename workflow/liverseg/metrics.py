@@ -11,6 +11,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from liverseg.geometry import bbox
+
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     p, r = np.count_nonzero(pred), np.count_nonzero(ref)
@@ -36,16 +38,6 @@ def liver_tumour_dice(pred_labels: np.ndarray, ref_labels: np.ndarray) -> tuple[
 NAN = float("nan")
 
 
-def _bbox_union(a: np.ndarray, b: np.ndarray, pad: int = 1) -> tuple[slice, ...]:
-    both = np.logical_or(a, b)
-    out = []
-    for ax in range(3):
-        other = tuple(i for i in range(3) if i != ax)
-        idx = np.flatnonzero(both.any(axis=other))
-        out.append(slice(max(0, int(idx[0]) - pad), min(both.shape[ax], int(idx[-1]) + 1 + pad)))
-    return tuple(out)
-
-
 def _surface(mask: np.ndarray) -> np.ndarray:
     struct = ndimage.generate_binary_structure(3, 1)
     return mask & ~ndimage.binary_erosion(mask, structure=struct, iterations=1)
@@ -57,7 +49,7 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[np.nd
     Both distance transforms are computed once, inside the bounding box of the two masks (plus one voxel),
     which gives the same values as on the whole grid because every surface voxel lies inside that box.
     """
-    box = _bbox_union(pred, ref)
+    box = bbox(pred | ref, pad=1)
     p, r = pred[box], ref[box]
     sp, sr = _surface(p), _surface(r)
     dt_r = ndimage.distance_transform_edt(~sr, sampling=spacing)
@@ -75,7 +67,8 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
     j = 1.0 if union == 0 else inter / union
     out = {"dice": d, "jaccard": j, "voe": 1.0 - j,
            "rvd": (0.0 if n_p == 0 else NAN) if n_r == 0 else (n_p - n_r) / n_r,
-           "pred_ml": n_p * voxel_ml, "ref_ml": n_r * voxel_ml}
+           "pred_ml": n_p * voxel_ml, "ref_ml": n_r * voxel_ml,
+           "pred_voxels": n_p, "ref_voxels": n_r, "overlap_voxels": inter}
     if n_p == 0 and n_r == 0:
         out.update(assd=0.0, mssd=0.0, hd95=0.0)
     elif n_p == 0 or n_r == 0:
@@ -191,7 +184,3 @@ def case_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing) -> li
             row["tumour_burden_error"] = abs(burden_p - burden_r)
         rows.append(row)
     return rows
-
-
-def is_nan(v) -> bool:
-    return isinstance(v, float) and math.isnan(v)

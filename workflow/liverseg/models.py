@@ -182,6 +182,48 @@ def load(weights_path, spec_path=None, device="cpu") -> tuple[nn.Module, dict]:
     return model.to(device).eval(), spec
 
 
+class Ensemble(nn.Module):
+    """Several trained models of one role (e.g. the folds of a cross-validation) as one: the output is a logit
+    whose softmax (sigmoid for a one-logit classifier) is the mean of the members' probabilities, so every
+    consumer of a single model (TTA, tiling, gating) works unchanged."""
+
+    def __init__(self, members: list[nn.Module], class_dim: int, binary: bool):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.class_dim, self.binary = class_dim, binary
+
+    def forward(self, x):
+        outs = [m(x).float() for m in self.members]
+        if self.binary:
+            p = torch.stack([torch.sigmoid(o) for o in outs]).mean(0).clamp(1e-7, 1 - 1e-7)
+            return torch.log(p) - torch.log1p(-p)
+        p = torch.stack([torch.softmax(o, dim=self.class_dim) for o in outs]).mean(0)
+        return torch.log(p.clamp_min(1e-12))
+
+
+# What members of an ensemble must share: they read the same inputs and give the same outputs.
+ENSEMBLE_KEYS = ("kind", "classes", "context", "input_size", "slice_size", "window", "patch_size", "seq_len", "patch")
+
+
+def load_ensemble(paths: list, device="cpu") -> tuple[nn.Module, dict]:
+    """One model file, or several of one role averaged (``Ensemble``).  The spec is the first member's, with the
+    classifier threshold averaged over members and ``ensemble`` listing the files."""
+    loaded = [load(p, device=device) for p in paths]
+    if len(loaded) == 1:
+        return loaded[0]
+    spec = dict(loaded[0][1])
+    for p, (_, s) in zip(paths[1:], loaded[1:]):
+        diff = [k for k in ENSEMBLE_KEYS if s.get(k) != spec.get(k)]
+        if diff:
+            raise ModelFileError(f"model {p} cannot join an ensemble with {paths[0]}: they differ in {diff}")
+    if "threshold" in spec:
+        spec["threshold"] = float(sum(s["threshold"] for _, s in loaded) / len(loaded))
+    spec["ensemble"] = [str(p) for p in paths]
+    model = Ensemble([m for m, _ in loaded], class_dim=2 if spec["kind"] == "convlstm" else 1,
+                     binary=spec["classes"] == 1)
+    return model.to(device).eval(), spec
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -18,17 +18,19 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 from scipy import ndimage
 
+from liverseg.config import default
+
 # Orientations a phantom may be stored in: RAS, LPS (DICOM), LAS (typical dcm2niix/LiTS), and a z-flipped one.
 ORIENTATIONS = [("R", "A", "S"), ("L", "P", "S"), ("L", "A", "S"), ("R", "A", "I"), ("A", "R", "S")]
 
 
 @dataclass
 class PhantomSpec:
-    size: int = 128
-    slices: int = 48
+    size: int = default("dataset.phantom.size")
+    slices: int = default("dataset.phantom.slices")
     inplane_spacing: tuple[float, float] = (0.6, 1.0)
     slice_spacing: tuple[float, float] = (1.0, 5.0)
-    max_tumours: int = 5
+    max_tumours: int = default("dataset.phantom.max_tumours")
     noise_hu: tuple[float, float] = (8.0, 20.0)
 
 

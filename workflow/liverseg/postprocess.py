@@ -15,28 +15,18 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from liverseg.config import default
 from liverseg.errors import CaseError
+from liverseg.geometry import bbox
 from liverseg.io import atomic_path, load_nifti, read_labels
 
 log = logging.getLogger(__name__)
 
 
-def foreground_bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Tight bounding box of a 3D mask as slices (axis projections, no argwhere over the volume)."""
-    out = []
-    for ax in range(mask.ndim):
-        other = tuple(i for i in range(mask.ndim) if i != ax)
-        idx = np.flatnonzero(mask.any(axis=other))
-        if idx.size == 0:
-            return None
-        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(out)
-
-
 def largest_component(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
     """Boolean mask of the largest connected component of ``mask`` (empty in, empty out)."""
     out = np.zeros(mask.shape, bool)
-    box = foreground_bbox(mask)
+    box = bbox(mask)
     if box is None:
         return out
     crop = np.ascontiguousarray(mask[box], dtype=np.uint8)
@@ -49,7 +39,7 @@ def postprocess_labels(labels: np.ndarray, spacing=(1.0, 1.0, 1.0), connectivity
     """LiTS labels in (0 bg, 1 liver, 2 tumour), same out; see the module docstring."""
     liver = largest_component(labels >= 1, connectivity)
     out = np.zeros(labels.shape, np.uint8)
-    box = foreground_bbox(liver)
+    box = bbox(liver)
     if box is None:
         return out
     sub = labels[box]
@@ -70,8 +60,9 @@ def postprocess_labels(labels: np.ndarray, spacing=(1.0, 1.0, 1.0), connectivity
     return out
 
 
-def postprocess_case(case: str, in_path, out_path, connectivity: int = 26, min_lesion_mm3: float = 0.0,
-                     fill_holes: bool = False) -> dict:
+def postprocess_case(case: str, in_path, out_path, connectivity: int = default("postprocess.connectivity"),
+                     min_lesion_mm3: float = default("postprocess.min_lesion_mm3"),
+                     fill_holes: bool = default("postprocess.fill_holes")) -> dict:
     img = load_nifti(in_path, case, "prediction")
     labels = read_labels(img)
     if labels.max() > 2:

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from liverseg.cascade import USE_B, cascade_batches, gate_slices, liver_region, run_a
-from liverseg.errors import CaseError
+from liverseg.config import default
+from liverseg.errors import CaseError, ConfigError
 from liverseg.inference import classify, resize_probs_to_slices, segment_sequences, sliding_window_3d
 from liverseg.io import Geometry, atomic_path, save_nifti_like
-from liverseg.models import ModelFileError, load, resolve_device
+from liverseg.models import ModelFileError, load_ensemble, resolve_device
 from liverseg.roles import MODES
 
 log = logging.getLogger(__name__)
@@ -66,19 +67,30 @@ def _tta_flag(value) -> bool | str:
     return value
 
 
-def predict_case(case: str, h5_path, model_dir, out_path, scores_path=None, mode: str = "cascade",
-                 device: str = "auto", tta="auto", batch: int = 16, amp: bool = True, gate: str = "auto") -> dict:
+def models_in(folder, mode: str) -> dict[str, list[Path]]:
+    """``{role: [<folder>/<role>/model.pt]}`` for the roles a mode loads: the layout `liverseg predict` reads."""
+    return {role: [Path(folder) / role / "model.pt"] for role in MODES[mode]}
+
+
+def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, mode: str = "cascade",
+                 device: str = default("predict.device"), tta=default("predict.tta"),
+                 batch: int = default("predict.batch_size"), amp: bool = True,
+                 gate: str = default("predict.gate")) -> dict:
+    """Segment one preprocessed case.  ``models`` maps each role of the mode (liverseg.roles.MODES) to its model
+    file(s); several files for one role are averaged as an ensemble (models.load_ensemble)."""
     if mode not in MODES:
-        raise ValueError(f"unknown prediction mode {mode!r}; choose one of {tuple(MODES)}")
+        raise ConfigError(f"unknown prediction mode {mode!r}; choose one of {tuple(MODES)}")
+    missing = [r for r in MODES[mode] if not models.get(r)]
+    if missing:
+        raise ConfigError(f"mode {mode} needs model file(s) for {missing} (give --model ROLE=MODEL_PT)")
     dev = resolve_device(device)
     tta = _tta_flag(tta)
     image, geom, attrs, _ = read_case(h5_path, case)
-    model_dir = Path(model_dir)
     loaded = {}
     for role in MODES[mode]:
-        path = model_dir / role / "model.pt"
-        loaded[role] = load(path, device=dev)
-        check_compatible(loaded[role][1], attrs, path)
+        paths = [Path(p) for p in models[role]]
+        loaded[role] = load_ensemble(paths, device=dev)
+        check_compatible(loaded[role][1], attrs, paths[0])
     nx, ny, nz = (int(v) for v in attrs["canonical_shape"])
     size = int(attrs["size"])
     vol = np.zeros((nx, ny, nz), np.uint8)
@@ -153,8 +165,9 @@ def _scan_id(path: Path) -> str:
     return name
 
 
-def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: str = "auto", tta="auto",
-                 batch: int = 16, postprocess: bool = True, connectivity: int = 26, gate: str = "auto") -> dict:
+def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: str = default("predict.device"),
+                 tta=default("predict.tta"), batch: int = default("predict.batch_size"), postprocess: bool = True,
+                 connectivity: int = default("postprocess.connectivity"), gate: str = default("predict.gate")) -> dict:
     """Segment one scan (NIfTI file or DICOM series folder) with trained models; write a label NIfTI.
 
     The scan is preprocessed with the window and slice size the models were trained with (read from
@@ -178,11 +191,32 @@ def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: st
         preprocess_case(case, in_path, h5, lower=w["lower"], upper=w["upper"], mode=w["mode"],
                         size=int(spec["slice_size"]))
         raw = Path(tmp) / "raw.nii.gz"
-        s = predict_case(case, h5, model_dir, raw if postprocess else out_path, mode=mode, device=device, tta=tta,
-                         batch=batch, gate=gate)
+        s = predict_case(case, h5, models_in(model_dir, mode), raw if postprocess else out_path, mode=mode,
+                         device=device, tta=tta, batch=batch, gate=gate)
         if postprocess:
             postprocess_case(case, raw, out_path, connectivity=connectivity)
     return s
+
+
+def predict_path(in_path, out_path, model_dir, **kw) -> list[dict]:
+    """`liverseg predict`: a NIfTI file or a DICOM series folder -> ``out_path`` (a .nii.gz file, or an existing
+    folder that receives ``<scan id>.nii.gz``); a folder of scans -> ``out_path/<scan id>.nii.gz`` each."""
+    from liverseg.dicom import is_dicom_folder
+
+    src, out = Path(in_path), Path(out_path)
+    if not src.exists():
+        raise CaseError(src.name, f"input does not exist: {src}")
+    if src.is_dir() and not is_dicom_folder(src):
+        if out.exists() and not out.is_dir():
+            raise CaseError(src.name, f"output {out} is a file; a folder of scans needs an output folder")
+        return predict_many(src, out, model_dir, **kw)
+    if out.is_dir():
+        out = out / f"{_scan_id(src)}.nii.gz"
+    elif not out.name.endswith((".nii", ".nii.gz")):
+        raise CaseError(_scan_id(src), f"output {out} is neither an existing folder nor a .nii/.nii.gz file")
+    elif not out.parent.is_dir():
+        raise CaseError(_scan_id(src), f"the folder of output {out} does not exist")
+    return [predict_scan(src, out, model_dir, **kw)]
 
 
 def predict_many(in_dir, out_dir, model_dir, **kw) -> list[dict]:

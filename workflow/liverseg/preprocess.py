@@ -4,9 +4,8 @@ HDF5 layout (one file per case; documented in the README):
   image           (Z, H, W) float16 in [0, 1], one slice per chunk (compression optional: none | lzf | gzip)
   label           (Z, H, W) uint8 {0,1,2}, same chunks (only for labelled cases)
   liver_present   (Z,) bool;   tumour_present (Z,) bool
-  liver_bbox      (Z, 4) int32 [row0, row1, col0, col1] (half-open, resized grid), -1 where no liver
   attrs: case_id, source_image, source_label, original_shape, spacing (original axes), canonical_spacing,
-         affine, ornt, axcodes, window_mode, window_lower, window_upper, size, resize_factors, liver_bbox_3d
+         affine, ornt, axcodes, window_mode, window_lower, window_upper, size, liver_bbox_3d
          [z0, z1, r0, r1, c0, c1] or -1s, labelled, pipeline_version, source_image_sha256,
          source_label_sha256 (what training's resume key hashes)
 Z runs inferior -> superior in the canonical RAS grid; slice z is ``canonical[:, :, z].T``.
@@ -23,13 +22,15 @@ from scipy import ndimage
 
 from liverseg import __version__
 from liverseg.errors import CaseError
-from liverseg.io import atomic_path, content_sha256, geometry_of, load_nifti, read_raw
+from liverseg.geometry import bbox
+from liverseg.config import default
+from liverseg.ingest import load_validated
+from liverseg.io import atomic_path, content_sha256
 
 log = logging.getLogger(__name__)
 
 WINDOW_MODES = ("fixed", "study_v2")
 SLAB = 32  # slices processed at once: bounds the float32 working memory independently of the volume size
-AFFINE_TOLERANCE = 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- array level
@@ -95,92 +96,18 @@ def keep_lesions(src: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def bbox_2d(mask: np.ndarray) -> list[int]:
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return [-1, -1, -1, -1]
-    cols = np.flatnonzero(mask.any(axis=0))
-    return [int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1]
-
-
-def check_label_values(raw: np.ndarray, slope: float, inter: float, case: str) -> None:
-    """Labels must be integers in {0, 1, 2}.  Checked with min/max first (O(n), no sort), unique only on failure."""
-    lo, hi = raw.min(), raw.max()
-    if raw.dtype.kind == "f" or (slope, inter) != (1.0, 0.0):
-        lo, hi = lo * slope + inter, hi * slope + inter
-        for z0 in range(0, raw.shape[-1], SLAB):  # slab-wise, so no float copy of the whole volume is made
-            v = raw[..., z0 : z0 + SLAB].astype(np.float32) * slope + inter
-            if not np.all(np.isfinite(v)) or not np.array_equal(v, np.round(v)):
-                raise CaseError(case, "label holds non-integer values; expected integers 0 (bg), 1 (liver), 2 (tumour)")
-    if lo < 0 or hi > 2:
-        vals = np.unique(raw) * slope + inter
-        bad = sorted(set(np.rint(vals).astype(np.int64).tolist()) - {0, 1, 2})
-        raise CaseError(case, f"label values {bad[:5]} outside {{0, 1, 2}} (0 bg, 1 liver, 2 tumour)")
-
-
 # ---------------------------------------------------------------------------------------------- one case
-def load_validated(case: str, image_path, label_path=None, affine_tolerance: float = AFFINE_TOLERANCE):
-    """Read a case and check everything that can be wrong with it; raise CaseError (one line) otherwise.
-
-    Returns (geometry, raw image in its stored dtype, slope, intercept, uint8 label or None)."""
-    img = load_nifti(image_path, case, "image")
-    geom = geometry_of(img)
-    raw, slope, inter = read_raw(img, case, image_path, "image")
-    if raw.dtype.kind not in "iuf":
-        raise CaseError(case, f"image {image_path} has unsupported data type {raw.dtype}")
-    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
-        raise CaseError(case, f"image {image_path} holds NaN or infinite voxels")
-    rmin, rmax = raw.min(), raw.max()
-    if rmin == rmax:
-        raise CaseError(case, f"image {image_path} is constant (every voxel {float(rmin) * slope + inter:g})")
-
-    lab_raw = None
-    if label_path is not None:
-        lab_img = load_nifti(label_path, case, "label")
-        if lab_img.shape[:3] != img.shape[:3]:
-            raise CaseError(case, f"label shape {lab_img.shape[:3]} differs from image shape {img.shape[:3]}")
-        if not np.allclose(lab_img.affine, img.affine, atol=affine_tolerance, rtol=0):
-            diff = float(np.abs(lab_img.affine - img.affine).max())
-            raise CaseError(case, f"label affine differs from image affine by {diff:.4g} (tolerance {affine_tolerance})")
-        lab, lslope, linter = read_raw(lab_img, case, label_path, "label")
-        check_label_values(lab, lslope, linter, case)
-        lab_raw = lab if lab.dtype == np.uint8 and (lslope, linter) == (1.0, 0.0) else (
-            np.rint(lab * lslope + linter).astype(np.uint8)
-        )
-    return geom, raw, slope, inter, lab_raw
-
-
-def check_case(case: str, image_path, out_json, label_path=None, affine_tolerance: float = AFFINE_TOLERANCE) -> dict:
-    """Validate a case and record the verdict as JSON; a bad case is a verdict, not a crash of the workflow.
-
-    The workflow's split reads these verdicts, so one bad case drops out instead of blocking every case after it.
-    """
-    import json
-
-    try:
-        _, _, _, _, lab = load_validated(case, image_path, label_path, affine_tolerance)
-        status = {"case": case, "ok": True, "error": ""}
-        if lab is not None and not (lab >= 1).any():
-            log.warning("case %s: the label holds no liver", case)
-            status["warning"] = "label holds no liver"
-    except CaseError as exc:
-        status = {"case": case, "ok": False, "error": str(exc)}
-    with atomic_path(out_json) as tmp:
-        Path(tmp).write_text(json.dumps(status) + "\n")
-    return status
-
-
 def preprocess_case(
     case: str,
     image_path,
     out_path,
     label_path=None,
-    lower: float = -150.0,
-    upper: float = 250.0,
-    mode: str = "fixed",
-    size: int = 128,
-    affine_tolerance: float = AFFINE_TOLERANCE,
-    compression: str = "none",
+    lower: float = default("window.lower"),
+    upper: float = default("window.upper"),
+    mode: str = default("window.mode"),
+    size: int = default("slices.size"),
+    affine_tolerance: float = default("ingest.affine_tolerance"),
+    compression: str = default("slices.compression"),
 ) -> dict:
     """Validate one case, window it, resize it and write its HDF5 atomically.  Returns a short summary."""
     if mode not in WINDOW_MODES:
@@ -204,7 +131,8 @@ def preprocess_case(
             d_lab = h5.create_dataset("label", (nz, size, size), dtype=np.uint8, chunks=(1, size, size), compression="lzf")
         liver_present = np.zeros(nz, bool)
         tumour_present = np.zeros(nz, bool)
-        bboxes = np.full((nz, 4), -1, np.int32)
+        rows_any = np.zeros(size, bool)  # in-plane projections of the liver over all slices: its 3D box
+        cols_any = np.zeros(size, bool)
         for z0 in range(0, nz, SLAB):
             z1 = min(nz, z0 + SLAB)
             slab = np.transpose(can[:, :, z0:z1], (2, 1, 0)).astype(np.float32)  # (n, H=y, W=x)
@@ -221,17 +149,12 @@ def preprocess_case(
                 d_lab[z0:z1] = ls
                 liver_present[z0:z1] = (ls >= 1).any(axis=(1, 2))
                 tumour_present[z0:z1] = (ls == 2).any(axis=(1, 2))
-                for i, s in enumerate(ls):
-                    bboxes[z0 + i] = bbox_2d(s >= 1)
+                rows_any |= (ls >= 1).any(axis=(0, 2))
+                cols_any |= (ls >= 1).any(axis=(0, 1))
         h5.create_dataset("liver_present", data=liver_present)
         h5.create_dataset("tumour_present", data=tumour_present)
-        h5.create_dataset("liver_bbox", data=bboxes)
-        zl = np.flatnonzero(liver_present)
-        if zl.size:
-            b = bboxes[zl]
-            bbox3d = [int(zl[0]), int(zl[-1]) + 1, int(b[:, 0].min()), int(b[:, 1].max()), int(b[:, 2].min()), int(b[:, 3].max())]
-        else:
-            bbox3d = [-1] * 6
+        box = [bbox(m) for m in (liver_present, rows_any, cols_any)]
+        bbox3d = [-1] * 6 if box[0] is None else [v for b in box for v in (b[0].start, b[0].stop)]
         a = h5.attrs
         a["case_id"] = case
         a["source_image"] = str(Path(image_path).resolve())
@@ -248,8 +171,6 @@ def preprocess_case(
         a["window_lower"] = float(lower)
         a["window_upper"] = float(upper)
         a["size"] = int(size)
-        # Factor from the canonical (H=y, W=x) grid to the stored grid, per in-plane axis.
-        a["resize_factors"] = np.array([size / ny, size / nx])
         a["liver_bbox_3d"] = np.array(bbox3d, np.int64)
         a["pipeline_version"] = __version__
         a["source_image_sha256"] = content_sha256(image_path)

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from liverseg.errors import CaseError  # noqa: E402
 from liverseg.io import atomic_path, geometry_of, load_nifti, read_labels, read_raw  # noqa: E402
 
 # Rows of the original study's results table, in its order, with what each experiment is.
@@ -52,8 +53,21 @@ def pick_slices(ref: np.ndarray, pred: np.ndarray) -> list[tuple[str, int]]:
     return out
 
 
-def overlay_case(case: str, image_path, ref_path, pred_path, out_png, lower=-150, upper=250, title="") -> None:
-    """CT | reference | prediction at three slices, contours (not filled), aspect ratio from the voxel spacing."""
+def case_window(h5_path, case: str) -> tuple[float, float]:
+    """The HU window the case was preprocessed with (its HDF5 attributes), so pictures show what models saw."""
+    import h5py
+
+    try:
+        with h5py.File(h5_path, "r") as f:
+            return float(f.attrs["window_lower"]), float(f.attrs["window_upper"])
+    except (OSError, KeyError) as exc:
+        raise CaseError(case, f"cannot read the window of preprocessed file {h5_path}: {exc}") from None
+
+
+def overlay_case(case: str, image_path, ref_path, pred_path, h5_path, out_png, title="") -> None:
+    """CT | reference | prediction at three slices, contours (not filled), aspect ratio from the voxel spacing,
+    grey levels in the case's own HU window."""
+    lower, upper = case_window(h5_path, case)
     img = load_nifti(image_path, case, "image")
     geom = geometry_of(img)
     # CT in its stored dtype (a scaled int16 file would otherwise become a float64 copy); HU only for the 3 slices.
@@ -118,7 +132,8 @@ def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], 
         "",
         "Metrics on the held-out **test cases** on their original voxel grids, after post-processing (largest 3D",
         "liver component). Liver = label >= 1 (tumour included), tumour = label 2, as LiTS scores them.",
-        "Dice per case is mean ± sd over cases; Dice global pools all voxels of all cases. ASSD is the liver's, in mm.",
+        "Dice per case is mean ± sd over cases; Dice global pools the voxel counts of all cases (as LiTS does).",
+        "ASSD is the liver's, in mm.",
         "",
         "| experiment | liver Dice per case | liver Dice global | tumour Dice per case | liver ASSD (mm) |"
         " lesion recall | inference s/case | cases | liver Dice per case before CCA |",
@@ -157,15 +172,13 @@ def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], 
     return text
 
 
-def dice_plot(per_case: dict[str, str], out_png) -> None:
-    """Strip plot of per-case liver and tumour Dice per experiment."""
-    from liverseg.evaluate import read_rows
-
+def dice_plot(summaries: dict[str, dict], out_png) -> None:
+    """Strip plot of per-case liver and tumour Dice per experiment (from each summary's ``dice_per_case``)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    names = list(per_case)
+    names = list(summaries)
     for ax, cls in zip(axes, ("liver", "tumour")):
         for i, exp in enumerate(names):
-            vals = [r["dice"] for r in read_rows(per_case[exp]) if r["class"] == cls]
+            vals = list(summaries[exp]["aggregate"][cls]["dice_per_case"].values())
             x = np.full(len(vals), i) + np.linspace(-0.12, 0.12, max(len(vals), 1))[: len(vals)]
             ax.plot(x, vals, "o", alpha=0.7)
             if vals:
@@ -180,6 +193,20 @@ def dice_plot(per_case: dict[str, str], out_png) -> None:
     plt.close(fig)
 
 
-def load_summaries(paths: dict[str, str]) -> dict[str, dict]:
-    return {k: json.loads(Path(p).read_text()) for k, p in paths.items()}
-
+def summarize(summary_files: list, benchmarks: dict[str, list], out_md, out_plot) -> str:
+    """The comparison table and the Dice plot from the summary.json of every experiment and stage (each names its
+    experiment and stage) and the prediction benchmark files of each experiment."""
+    post, raw = {}, {}
+    for f in summary_files:
+        s = json.loads(Path(f).read_text())
+        (post if s["stage"] == "post" else raw)[s["experiment"]] = s
+    run = list(post)
+    seconds = {e: inference_seconds(benchmarks.get(e, [])) for e in run}
+    skipped = sorted({c for s in post.values() for c in s.get("predict_only_skipped", [])})
+    failed = {}
+    for s in post.values():
+        failed.update(s.get("failed_cases", {}))
+        failed.update({c: f"rejected: {r}" for c, r in s.get("rejected_cases", {}).items()})
+    text = summary_table(post, seconds, run, skipped, out_md, raw=raw, failed=failed)
+    dice_plot(post, out_plot)
+    return text

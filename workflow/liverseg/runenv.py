@@ -25,3 +25,13 @@ def configure(basedir: str | os.PathLike) -> None:
     if path.split(os.pathsep)[:1] != [exe_dir]:
         os.environ["PATH"] = os.pathsep.join([exe_dir, path])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def local_gpus() -> int:
+    """NVIDIA GPUs this machine shows (honouring CUDA_VISIBLE_DEVICES), without importing torch (the Snakefile
+    calls this when it decides whether a job asks for a GPU)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0

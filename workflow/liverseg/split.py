@@ -11,19 +11,25 @@ for every fold, so fold results are comparable.  Unlabelled cases are listed as 
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
+
+from liverseg.config import default
+from liverseg.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def make_split(
     labelled: list[str],
     unlabelled: list[str] = (),
-    seed: int = 0,
-    test_fraction: float = 0.2,
-    val_fraction: float = 0.2,
-    folds: int = 1,
-    fold: int = 0,
+    seed: int = default("split.seed"),
+    test_fraction: float = default("split.test_fraction"),
+    val_fraction: float = default("split.val_fraction"),
+    folds: int = default("split.folds"),
+    fold: int = default("split.fold"),
     failed: dict[str, str] | None = None,
 ) -> dict:
     if not 0 <= fold < max(folds, 1):
@@ -40,13 +46,11 @@ def make_split(
     if folds > 1:
         if len(rest) < folds:
             raise ValueError(f"{len(rest)} non-test cases cannot make {folds} folds")
-        fold_lists = [sorted(rest[i::folds]) for i in range(folds)]
-        val = fold_lists[fold]
+        val = sorted(rest[fold::folds])
     else:
         n_val = int(math.floor(len(rest) * val_fraction + 0.5))
         n_val = min(max(1 if len(rest) >= 2 else 0, n_val), max(len(rest) - 1, 0))
         val = sorted(rest[:n_val])
-        fold_lists = [val]
     train = sorted(c for c in rest if c not in set(val))
     if not [c for c in train if c not in (failed or {})] and n:
         raise ValueError(f"no training case left: {n} labelled case(s) for test_fraction={test_fraction}")
@@ -65,12 +69,39 @@ def make_split(
         "val": ok(val),
         "test": ok(sorted(test)),
         "predict": ok(sorted(set(unlabelled))),
-        "fold_lists": [ok(f) for f in fold_lists],
         "failed": {c: failed[c] for c in sorted(failed)},
         "failed_subset": {c: next(k for k, ids in (("train", train), ("val", val), ("test", test),
                                                    ("predict", unlabelled)) if c in ids)
                           for c in sorted(failed) if c in set(train) | set(val) | set(test) | set(unlabelled)},
     }
+
+
+def split_from_checks(case_table, check_files: list, out, seed: int = default("split.seed"),
+                      test_fraction: float = default("split.test_fraction"),
+                      val_fraction: float = default("split.val_fraction"), folds: int = default("split.folds"),
+                      fold: int = default("split.fold")) -> dict:
+    """The workflow's split: the case table (liverseg.ingest.write_case_table) and one verdict file per case
+    (liverseg.ingest.check_case); cases whose check failed are left out with their error.  Writes ``out``."""
+    from liverseg.ingest import read_case_table
+
+    rows = read_case_table(case_table)
+    labelled = [r["case_id"] for r in rows if r["status"] == "labelled"]
+    unlabelled = [r["case_id"] for r in rows if r["status"] == "predict-only"]
+    verdicts = {}
+    for f in check_files:
+        v = json.loads(open(f).read())
+        verdicts[v["case"]] = v
+    missing = [c for c in labelled + unlabelled if c not in verdicts]
+    if missing:
+        raise ConfigError(f"no check verdict for case(s) {', '.join(missing[:5])}")
+    failed = {c: verdicts[c]["error"] for c in labelled + unlabelled if not verdicts[c]["ok"]}
+    split = make_split(labelled, unlabelled, seed, test_fraction, val_fraction, folds, fold, failed=failed)
+    for err in failed.values():
+        log.warning("left out: %s", err)
+    write_split(split, out)
+    log.info("split: %d train, %d val, %d test, %d predict-only",
+             *(len(split[k]) for k in ("train", "val", "test", "predict")))
+    return split
 
 
 def write_split(split: dict, path) -> None:

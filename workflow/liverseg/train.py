@@ -39,29 +39,37 @@ from tqdm import tqdm
 
 from liverseg import __version__
 from liverseg import models as M
+from liverseg.errors import ConfigError
 from liverseg.cascade import PooledDice, b_counts, prepare_val_case
 from liverseg.data import (LiverPatchDataset, PatchDataset, SequenceDataset, SliceDataset, augment, epoch_draws,
-                           index_cases, patch_grid)
+                           index_cases)
+from liverseg.geometry import patch_grid
 from liverseg.inference import classify, resize_probs_to_slices, segment_sequences, slice_probs, sliding_window_3d
 from liverseg.inference import tta_transforms
+from liverseg.config import training_view
 from liverseg.io import atomic_path, content_sha256
 from liverseg.roles import GATES, ROLES
 
 log = logging.getLogger(__name__)
 
 
-def resume_key(cfg: dict, role: str, split: dict, cases: list, needs: dict | None = None) -> str:
-    """What a checkpoint must match to be resumed (see the module docstring)."""
+def resume_key(cfg: dict, role: str, train_cases: list, val_cases: list, needs: dict | None = None) -> str:
+    """What a checkpoint must match to be resumed (see the module docstring).  The config part is exactly what the
+    workflow's train rule passes (config.training_view), so what reruns a job and what restarts it agree."""
     relevant = {
-        "window": cfg["window"], "slices": cfg["slices"], "role": role, "model": cfg["train"][role],
-        "common": {k: v for k, v in cfg["train"].items() if k not in ROLES and k not in ("device", "workers")},
-        "predict_gate": cfg["predict"]["gate"] if role == "model_b" else None,
-        "train_cases": split["train"], "val_cases": split["val"],
-        "data": [c.identity for c in cases],
+        "config": training_view(cfg, role), "role": role,
+        "train": [c.identity for c in train_cases], "val": [c.identity for c in val_cases],
         "needs": {r: content_sha256(p) for r, p in sorted((needs or {}).items())},
         "package_version": __version__,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def outputs_in(folder) -> dict[str, Path]:
+    """The standard output files of a training in one folder (what the workflow's train rule lists)."""
+    folder = Path(folder)
+    return {"model": folder / "model.pt", "spec": folder / "model.json", "log": folder / "log.csv",
+            "curves": folder / "curves.png"}
 
 
 def _mm_per_pixel(cases, input_size: int | None) -> dict:
@@ -352,27 +360,34 @@ def _prepare_cascade_validation(cfg, spec, val_cases, models, device, amp) -> di
     return {"val_prepared": prepared, "gates": gates, "gate": "route" if gate_cfg == "auto" else gate_cfg}
 
 
-def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, checkpoint_dir,
+def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, checkpoint_dir,
           threads: int = 1, needs: dict[str, str] | None = None) -> dict:
-    """Train one model; write model.pt, model.json, log.csv and curves.png into ``out_dir``.
+    """Train one model on the preprocessed cases ``train_h5``, choose its epoch on ``val_h5``; write
+    ``outputs["model"]`` (weights), ``["spec"]`` (model.json), ``["log"]`` (CSV) and ``["curves"]`` (PNG).
 
     ``needs``: role -> model.pt of the trained models this role depends on (liverseg.roles, column ``needs``)."""
     if role not in ROLES:
         raise ValueError(f"unknown model role {role!r}")
+    missing = sorted({r for r in ROLES[role]["needs"]} - set(needs or {}))
+    if missing:
+        raise ConfigError(f"training {role} needs the trained model(s) {missing} (give --needs ROLE=MODEL_PT)")
+    absent = [str(p) for p in [*train_h5, *val_h5, *(needs or {}).values()] if not Path(p).is_file()]
+    if absent:
+        raise ConfigError(f"{role}: input file(s) not found: {', '.join(absent[:5])}")
     tc, m = cfg["train"], cfg["train"][role]
     torch.set_num_threads(max(1, threads))
     device = M.resolve_device(tc["device"])
     amp = bool(tc["amp"]) and device.type == "cuda"
     seed = int(tc["seed"])
-    out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
+    checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
-    train_cases = index_cases([h5_paths[c] for c in split["train"]])
-    val_cases = index_cases([h5_paths[c] for c in split["val"]]) if split["val"] else []
+    train_cases = index_cases([str(p) for p in train_h5])
+    val_cases = index_cases([str(p) for p in val_h5])
     if not val_cases:
         log.warning("%s: no validation cases; the last epoch is kept", role)
     spec = make_spec(cfg, role)
-    key = resume_key(cfg, role, split, train_cases + val_cases, needs)
+    key = resume_key(cfg, role, train_cases, val_cases, needs)
     spec["config_hash"] = key
     spec["mm_per_pixel_stored"] = _mm_per_pixel(train_cases, None)
     spec["mm_per_pixel_input"] = _mm_per_pixel(train_cases, None if role == "model_b" else spec["input_size"])
@@ -500,7 +515,8 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
                       f"{ctx['min_sensitivity']}" if role == "classifier"
                       else "mean of liver and tumour Dice pooled over the validation voxels"
                       + (" (through the cascade)" if role == "model_b" else "")),
-        "validation": best["val"], "train_cases": split["train"], "val_cases": split["val"],
+        "validation": best["val"], "train_cases": [c.identity["case_id"] for c in train_cases],
+        "val_cases": [c.identity["case_id"] for c in val_cases],
         "torch_version": torch.__version__,
     })
     if role == "classifier":
@@ -509,10 +525,12 @@ def train(role: str, h5_paths: dict[str, str], split: dict, cfg: dict, out_dir, 
         spec["selection"] = _select(model, spec, role, val_cases, device, amp, ctx)
         log.info("%s: chosen on validation: %s", role, json.dumps({k: v for k, v in spec["selection"].items()
                                                                    if k != "table"}))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(history, out_dir / "log.csv")
-    _plot(history, out_dir / "curves.png", role)
-    M.save(model.cpu(), spec, out_dir / "model.pt", out_dir / "model.json")
+    out = {k: Path(v) for k, v in outputs.items()}
+    for f in out.values():
+        f.parent.mkdir(parents=True, exist_ok=True)
+    _write_csv(history, out["log"])
+    _plot(history, out["curves"], role)
+    M.save(model.cpu(), spec, out["model"], out["spec"])
     # A finished training is never resumed: a forced rerun must train again, not hand back these weights.
     ckpt_path.unlink(missing_ok=True)
     log.info("%s: best epoch %d, %s", role, best["epoch"], json.dumps(best["val"]))

@@ -9,16 +9,21 @@ from snakemake.utils import validate
 # The package lives in workflow/liverseg (importable here without installation).
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
+from liverseg.config import training_view  # noqa: E402
+from liverseg.errors import ConfigError  # noqa: E402
 from liverseg.ingest import discover  # noqa: E402
 from liverseg.roles import EXPERIMENTS, MODES, ROLES  # noqa: E402
-from liverseg.runenv import configure  # noqa: E402
+from liverseg.runenv import configure, local_gpus  # noqa: E402
 
 configure(workflow.basedir)
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 R = config["results"]
-DISCOVERY = discover(config)
+try:
+    DISCOVERY = discover(config)
+except (ConfigError, FileNotFoundError) as _exc:  # one line, not a traceback
+    raise WorkflowError(f"liverseg: {_exc}") from None
 for _cid, _reason in DISCOVERY.rejected:
     print(f"liverseg: case {_cid} rejected: {_reason}", file=sys.stderr)
 CASES = {c.case_id: c for c in DISCOVERY.cases}
@@ -93,14 +98,8 @@ def model_file(role):
 def train_inputs(wildcards):
     """The role's training and validation cases, and the trained models it needs (liverseg.roles)."""
     sp = split_data()
-    return {"h5": [h5(c) for c in sp["train"] + sp["val"]],
+    return {"train": [h5(c) for c in sp["train"]], "val": [h5(c) for c in sp["val"]],
             "needs": [model_file(r) for r in ROLES[wildcards.role]["needs"]]}
-
-
-def train_split_json(wildcards):
-    """Only the case lists training uses: a split change elsewhere (e.g. a fixed test case) does not retrain."""
-    sp = split_data()
-    return json.dumps({k: sp[k] for k in ("train", "val")})
 
 
 def test_cases():
@@ -108,15 +107,15 @@ def test_cases():
 
 
 def train_params_json(wildcards):
-    """What this role's training reads from the config, and nothing else, so that a change to another role's
-    settings (or to prediction) does not retrain it: window, slices, the shared train keys, the role's own
-    section, and predict.gate for model B (validated through the cascade with that gate)."""
-    role = wildcards.role
-    train = {k: v for k, v in config["train"].items() if k == role or k not in ROLES}
-    out = {"window": config["window"], "slices": config["slices"], "train": train}
-    if role == "model_b":
-        out["predict"] = {"gate": config["predict"]["gate"]}
-    return json.dumps(out, sort_keys=True)
+    """What this role's training reads from the config (liverseg.config.training_view) and nothing else, so an
+    edit of another role's settings, of prediction or of how jobs run (threads, device, compression) retrains
+    nothing; the same view is what the checkpoint's resume key hashes."""
+    return json.dumps(training_view(config, wildcards.role), sort_keys=True)
+
+
+def role_options(option, roles, files):
+    """``--model``/``--needs`` options ROLE=FILE for the model files of ``roles`` (listed in the same order)."""
+    return " ".join(f"{option} {shlex.quote(f'{r}={f}')}" for r, f in zip(roles, files))
 
 
 def slurm_resources(kind):
@@ -131,13 +130,30 @@ def slurm_resources(kind):
     return out
 
 
+def uses_gpu(section):
+    """A training/prediction job asks for a GPU only when one is configured: device cuda, or auto where a GPU is
+    (the machine running Snakemake, or any cluster executor, whose nodes Snakemake cannot see).  Evaluated at job
+    creation, once the executor is known; on a CPU-only workstation the profile's gpu limit then serialises
+    nothing."""
+    device = config[section]["device"]
+    if device != "auto":
+        return device == "cuda"
+    return not workflow.local_exec or local_gpus() > 0
+
+
 def gpu_resources(section):
-    """GPU request of training/prediction jobs: one GPU when the device may be CUDA, none for device: cpu."""
-    use_gpu = config[section]["device"] in ("auto", "cuda")
-    res = {"gpu": 1 if use_gpu else 0}
-    if use_gpu:
-        res["cpus_per_gpu"] = config[section]["threads"]
-    return {**res, **slurm_resources("gpu" if use_gpu else "cpu")}
+    """GPU request of training/prediction jobs (see uses_gpu), with the matching SLURM partition."""
+
+    def partition(kind):
+        return slurm_resources(kind).get("slurm_partition", "")
+
+    res = {"gpu": lambda wc: int(uses_gpu(section)),
+           "cpus_per_gpu": lambda wc, threads: threads if uses_gpu(section) else 0}
+    if config["cluster"]["gpu_partition"] or config["cluster"]["cpu_partition"]:
+        res["slurm_partition"] = lambda wc: partition("gpu" if uses_gpu(section) else "cpu")
+    if config["cluster"]["account"]:
+        res["slurm_account"] = config["cluster"]["account"]
+    return res
 
 
 # ---------------------------------------------------------------- prediction and evaluation
@@ -166,3 +182,17 @@ def kaggle_cases():
 
 def kaggle_experiment():
     return config["kaggle"]["experiment"] or config["experiments"][-1]
+
+
+def predict_benchmark(experiment, case):
+    """Snakemake's timing file of one prediction job (the summary's inference seconds per case)."""
+    return f"{R}/benchmarks/predict/{experiment}/{case}.tsv"
+
+
+def summary_inputs(wildcards):
+    """Every experiment's summary.json (raw and post-processed) and, per experiment, its prediction timings."""
+    exps = config["experiments"]
+    out = {"summaries": expand(f"{R}/evaluate/{{experiment}}/{{stage}}/summary.json", experiment=exps, stage=["raw", "post"])}
+    for e in exps:
+        out[f"timing_{e}"] = [predict_benchmark(e, c) for c in test_cases()]
+    return out

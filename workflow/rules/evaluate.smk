@@ -1,12 +1,11 @@
 rule evaluate_case:
     input:
         pred=stage_prediction,
+        ref=case_label,
     output:
         f"{R}/evaluate/{{experiment}}/{{stage}}/cases/{{case}}.tsv",
     log:
         f"{R}/logs/evaluate/{{experiment}}/{{stage}}/{{case}}.log",
-    params:
-        ref=case_label,
     resources:
         mem_mb=4000,
         runtime=20,
@@ -14,7 +13,7 @@ rule evaluate_case:
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "python -m liverseg evaluate-case --case {wildcards.case:q} --pred {input.pred:q} --ref {params.ref:q}"
+        "python -m liverseg evaluate-case --case {wildcards.case:q} --pred {input.pred:q} --ref {input.ref:q}"
         " {output:q} > {log:q} 2>&1"
 
 

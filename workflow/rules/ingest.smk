@@ -26,14 +26,14 @@ rule list_cases:
     log:
         f"{R}/logs/ingest/cases.log",
     params:
-        # The case table is rewritten whenever the discovered cases change.
-        cases=sorted((c.case_id, c.image, c.label or "") for c in DISCOVERY.cases),
-        rejected=DISCOVERY.rejected,
+        cfg=json.dumps({"dataset": config["dataset"], "results": R}, sort_keys=True),
+        # Not read by the command: the table is rewritten whenever the files found in the dataset change.
+        found=sorted((c.case_id, c.image, c.label or "") for c in DISCOVERY.cases),
     localrule: True
-    run:
-        from liverseg.ingest import write_case_table
-
-        write_case_table(DISCOVERY, output[0])
+    conda:
+        "../../envs/imaging.yaml"
+    shell:
+        "python -m liverseg cases --config-json {params.cfg:q} {output:q} > {log:q} 2>&1"
 
 
 rule check_case:

@@ -8,14 +8,14 @@ rule predict:
     log:
         f"{R}/logs/predict/{{experiment}}/{{case}}.log",
     benchmark:
-        f"{R}/benchmarks/predict/{{experiment}}/{{case}}.tsv"
+        predict_benchmark("{experiment}", "{case}")
     params:
         mode=predict_mode,
         device=config["predict"]["device"],
         tta=str(config["predict"]["tta"]).lower(),
         gate=config["predict"]["gate"],
         batch=config["predict"]["batch_size"],
-        models=f"{R}/train",
+        models=lambda wc, input: role_options("--model", MODES[predict_mode(wc)], input.models),
     threads: config["predict"]["threads"]
     resources:
         mem_mb=8000,
@@ -24,7 +24,7 @@ rule predict:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m liverseg predict-case --case {wildcards.case:q} --h5 {input.h5:q} --models {params.models:q}"
+        "python -m liverseg predict-case --case {wildcards.case:q} --h5 {input.h5:q} {params.models}"
         " --mode {params.mode} --device {params.device} --tta {params.tta} --gate {params.gate} --batch {params.batch}"
         " --threads {threads}"
         " --scores {output.scores:q} {output.seg:q} > {log:q} 2>&1"

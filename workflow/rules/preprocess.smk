@@ -13,8 +13,10 @@ rule preprocess:
         mode=config["window"]["mode"],
         size=config["slices"]["size"],
         tol=config["ingest"]["affine_tolerance"],
-        compression=config["slices"]["compression"],
     resources:
+        # A storage choice, not a content choice: as a resource (not a rerun trigger) a change applies to cases
+        # written from then on and reruns nothing (params would rewrite every HDF5 file and retrain every model).
+        compression=config["slices"]["compression"],
         mem_mb=4000,
         runtime=30,
         **slurm_resources("cpu"),
@@ -23,4 +25,4 @@ rule preprocess:
     shell:
         "python -m liverseg preprocess --case {wildcards.case:q} --image {params.image:q} {params.label}"
         " --lower {params.lower} --upper {params.upper} --mode {params.mode} --size {params.size}"
-        " --affine-tolerance {params.tol} --compression {params.compression} {output:q} > {log:q} 2>&1"
+        " --affine-tolerance {params.tol} --compression {resources.compression} {output:q} > {log:q} 2>&1"

@@ -1,6 +1,9 @@
 rule overlay:
     input:
         pred=f"{R}/postprocess/{{experiment}}/{{case}}.nii.gz",
+        image=case_image,
+        ref=case_label,
+        h5=lambda wc: h5(wc.case),
     output:
         report(
             f"{R}/report/overlays/{{experiment}}/{{case}}.png",
@@ -10,9 +13,6 @@ rule overlay:
         ),
     log:
         f"{R}/logs/report/overlay/{{experiment}}/{{case}}.log",
-    params:
-        image=case_image,
-        ref=case_label,
     resources:
         mem_mb=4000,
         runtime=10,
@@ -20,29 +20,25 @@ rule overlay:
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "python -m liverseg overlay --case {wildcards.case:q} --image {params.image:q} --ref {params.ref:q}"
-        " --pred {input.pred:q} --title {wildcards.experiment} {output:q} > {log:q} 2>&1"
+        "python -m liverseg overlay --case {wildcards.case:q} --image {input.image:q} --ref {input.ref:q}"
+        " --pred {input.pred:q} --h5 {input.h5:q} --title {wildcards.experiment} {output:q} > {log:q} 2>&1"
 
 
 rule summarize:
     input:
-        summaries=expand(f"{R}/evaluate/{{experiment}}/{{stage}}/summary.json", experiment=config["experiments"], stage=["raw", "post"]),
-        benchmarks=lambda wc: expand(
-            f"{R}/benchmarks/predict/{{experiment}}/{{case}}.tsv", experiment=config["experiments"], case=test_cases()
-        ),
+        unpack(summary_inputs),
     output:
         md=report(f"{R}/report/summary.md", category="Summary", caption="../report/summary.rst"),
         plot=report(f"{R}/report/dice_per_case.png", category="Summary", caption="../report/dice.rst"),
     log:
         f"{R}/logs/report/summarize.log",
     params:
-        experiments=config["experiments"],
-        # <metrics>/<experiment>/<stage>/summary.json and <benchmarks>/<experiment>/<case>.tsv
-        metrics=lambda wc, input: str(Path(input.summaries[0]).parents[2]),
-        benchmarks=lambda wc, input: str(Path(input.benchmarks[0]).parents[1]),
+        benchmarks=lambda wc, input: " ".join(
+            shlex.quote(f"--benchmark={e}={f}") for e in config["experiments"] for f in getattr(input, f"timing_{e}")
+        ),
     localrule: True
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "python -m liverseg summarize --experiments {params.experiments} --metrics-dir {params.metrics:q}"
-        " --benchmarks-dir {params.benchmarks:q} --out-md {output.md:q} --out-plot {output.plot:q} > {log:q} 2>&1"
+        "python -m liverseg summarize --summaries {input.summaries:q} {params.benchmarks}"
+        " --out-md {output.md:q} --out-plot {output.plot:q} > {log:q} 2>&1"

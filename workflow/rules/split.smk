@@ -12,11 +12,10 @@ checkpoint split:
         val=config["split"]["val_fraction"],
         folds=config["split"]["folds"],
         fold=config["split"]["fold"],
-        checks=lambda wc, input: os.path.dirname(input.checks[0]),
     localrule: True
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "python -m liverseg split --cases {input.cases:q} --checks {params.checks:q} --seed {params.seed}"
+        "python -m liverseg split --cases {input.cases:q} --checks {input.checks:q} --seed {params.seed}"
         " --test-fraction {params.test} --val-fraction {params.val} --folds {params.folds} --fold {params.fold}"
         " {output:q} > {log:q} 2>&1"

@@ -14,11 +14,8 @@ rule train:
         role="|".join(ROLES),
     params:
         cfg=train_params_json,
-        split=train_split_json,
         ckpt=lambda wc: f"{R}/checkpoints/{wc.role}",
-        h5dir=f"{R}/preprocess",
-        needs=lambda wc, input: " ".join(f"--needs {shlex.quote(f'{r}={p}')}" for r, p in zip(ROLES[wc.role]["needs"], getattr(input, "needs", []))),
-        outdir=lambda wc, output: os.path.dirname(output.model),
+        needs=lambda wc, input: role_options("--needs", ROLES[wc.role]["needs"], input.needs),
     threads: config["train"]["threads"]
     resources:
         mem_mb=lambda wc: ROLES[wc.role]["mem_mb"],
@@ -27,6 +24,7 @@ rule train:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m liverseg train --role {wildcards.role} --split-json {params.split:q} --h5-dir {params.h5dir:q}"
-        " --config-json {params.cfg:q} --checkpoint-dir {params.ckpt:q} --threads {threads}"
-        " {params.needs} {params.outdir:q} > {log:q} 2>&1"
+        "python -m liverseg train --role {wildcards.role} --config-json {params.cfg:q}"
+        " --train {input.train:q} --val {input.val:q} {params.needs} --checkpoint-dir {params.ckpt:q}"
+        " --threads {threads} --out-model {output.model:q} --out-spec {output.spec:q} --out-log {output.log_csv:q}"
+        " --out-curves {output.curves:q} > {log:q} 2>&1"
