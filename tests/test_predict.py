@@ -43,6 +43,36 @@ def test_prediction_lands_on_the_original_grid(tmp_path, monkeypatch, codes):
     assert nib.aff2axcodes(out.affine) == codes
 
 
+@pytest.mark.parametrize("codes", [("L", "P", "S"), ("A", "R", "I"), ("P", "I", "L")])
+def test_prediction_lands_on_the_original_grid_from_non_square_anisotropic_slices(tmp_path, monkeypatch, codes):
+    """As above, for a 40 x 56 in-plane matrix with 0.7 x 0.9 x 3 mm voxels, stored on 32 x 32 slices: the oracle's
+    probabilities are resized back to 56 rows x 40 columns.  The label is made of 5 x 7 pixel blocks, which the
+    32 x 32 grid represents exactly, so the round trip must be exact."""
+    from test_preprocess import blocky_case
+
+    img_o, lab_o, aff_o, _ = blocky_case(codes, seed=2)
+    ip = write_nifti(tmp_path / "volume-6.nii.gz", img_o, aff_o)
+    lp = write_nifti(tmp_path / "segmentation-6.nii.gz", lab_o, aff_o)
+    h5 = tmp_path / "6.h5"
+    preprocess_case("6", ip, h5, label_path=lp, size=32)
+    _, _, attrs, label = P.read_case(h5, "6")
+    assert label.shape[1:] == (32, 32)
+
+    spec = {"window": {"mode": "fixed", "lower": -150.0, "upper": 250.0}, "slice_size": 32}
+    monkeypatch.setattr(P, "load_ensemble", lambda *a, **k: (None, spec))
+
+    def oracle(model, spec, image, device, **kw):
+        onehot = np.moveaxis(np.eye(3, dtype=np.float16)[label], -1, 1)
+        return AOutput(onehot, label)
+
+    monkeypatch.setattr(P, "run_a", oracle)
+    P.predict_case("6", h5, P.models_in(tmp_path / "models", "model_a"), tmp_path / "pred.nii.gz", mode="model_a")
+    out = nib.load(tmp_path / "pred.nii.gz")
+    assert np.allclose(out.affine, aff_o) and out.shape == img_o.shape
+    assert np.allclose(out.header.get_zooms()[:3], np.linalg.norm(aff_o[:3, :3], axis=0))
+    assert np.array_equal(np.asanyarray(out.dataobj), lab_o)
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tiny_dataset, tmp_path_factory):
     _, paths, split = tiny_dataset

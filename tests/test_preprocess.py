@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from liverseg.errors import CaseError
-from liverseg.io import geometry_of
 from liverseg.preprocess import preprocess_case, resize_slab, window_fixed, window_study_v2
 
 from conftest import write_nifti
@@ -33,33 +32,68 @@ def test_resize_labels_stay_labels():
     assert out.shape == (2, 16, 16) and set(np.unique(out)) == {0, 1, 2}
 
 
+def _superior_axis(affine) -> int:
+    """The stored axis that runs inferior-superior, read from the affine alone (nibabel's axis codes)."""
+    codes = nib.aff2axcodes(affine)
+    (ax,) = [i for i, c in enumerate(codes) if c in ("S", "I")]
+    return ax
+
+
 def test_hdf5_layout_matches_source(tiny_case, tmp_path):
     img_p, lab_p = tiny_case
     out = tmp_path / "1.h5"
     s = preprocess_case("1", img_p, out, label_path=lab_p, size=32)
     img = nib.load(img_p)
-    g = geometry_of(img)
-    lab_can = g.to_canonical(np.asanyarray(nib.load(lab_p).dataobj))
+    # Oracle independent of liverseg.io: nibabel's own closest-canonical (RAS) reorientation of the label.
+    lab_can = np.asanyarray(nib.as_closest_canonical(nib.load(lab_p)).dataobj)
+    nz = img.shape[_superior_axis(img.affine)]  # one slice per voxel along the patient's long axis
     with h5py.File(out) as f:
-        assert f["image"].shape == (img.shape[2] if g.ornt[2, 0] == 2 else f["image"].shape[0], 32, 32)
+        assert f["image"].shape == (nz, 32, 32) and f["label"].shape == (nz, 32, 32)
+        assert lab_can.shape[2] == nz == s["slices"]
         assert f["image"].dtype == np.float16 and f["image"].chunks == (1, 32, 32)
         assert f["label"].dtype == np.uint8
         assert 0 <= f["image"][:].min() and f["image"][:].max() <= 1
-        nz = lab_can.shape[2]
-        assert f["image"].shape[0] == nz == s["slices"]
         expected = (lab_can >= 1).any(axis=(0, 1))
         assert np.array_equal(f["liver_present"][:], expected)
+        assert np.array_equal((f["label"][:] >= 1).any(axis=(1, 2)), expected)  # z runs inferior -> superior
         assert np.array_equal(f["tumour_present"][:], (f["label"][:] == 2).any(axis=(1, 2)))
         a = f.attrs
         assert a["case_id"] == "1" and a["labelled"]
         assert np.allclose(a["affine"], img.affine)
         assert tuple(a["original_shape"]) == img.shape
         assert a["window_lower"] == -150 and a["window_upper"] == 250 and a["size"] == 32
-        bb = f["liver_bbox"][:]
-        z = int(np.flatnonzero(expected)[0])
-        r0, r1, c0, c1 = bb[z]
-        assert (f["label"][z][r0:r1, c0:c1] >= 1).any()
-        assert (bb[~expected] == -1).all()
+        zz, rr, cc = np.nonzero(f["label"][:] >= 1)
+        assert list(a["liver_bbox_3d"]) == [zz.min(), zz.max() + 1, rr.min(), rr.max() + 1, cc.min(), cc.max() + 1]
+
+
+@pytest.mark.parametrize("codes", [("R", "A", "S"), ("L", "P", "I"), ("S", "R", "A"), ("P", "I", "L")])
+def test_slices_run_along_the_patient_axis_whatever_the_stored_order(tmp_path, codes):
+    """A 12 x 20 x 7 (R-L x A-P x I-S) volume stored in several axis orders: always 7 slices, each 20 rows (A-P)
+    by 12 columns (R-L) before resizing, slice 0 the most inferior."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    ras = np.full((12, 20, 7), -1000, np.int16)
+    lab = np.zeros((12, 20, 7), np.uint8)
+    ras[:, :, 1] = 100  # marks: slice 1 (inferior) holds liver everywhere, slice 4 only in its anterior half
+    lab[:, :, 1] = 1
+    ras[:, 10:, 4] = 100
+    lab[:, 10:, 4] = 1
+    aff = np.diag([0.7, 0.9, 3.0, 1.0])
+    t = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(codes))
+    aff_o = aff @ inv_ornt_aff(t, ras.shape)
+    ip = write_nifti(tmp_path / "v.nii.gz", apply_orientation(ras, t), aff_o)
+    lp = write_nifti(tmp_path / "l.nii.gz", apply_orientation(lab, t), aff_o)
+    preprocess_case("o", ip, tmp_path / "o.h5", label_path=lp, size=20)
+    with h5py.File(tmp_path / "o.h5") as f:
+        assert f["label"].shape == (7, 20, 20)
+        assert np.flatnonzero(f["liver_present"][:]).tolist() == [1, 4]
+        assert (f["label"][1] == 1).all()
+        # rows run posterior -> anterior (canonical y), so the anterior half is the lower half of the rows
+        assert (f["label"][4][10:] == 1).all() and (f["label"][4][:10] == 0).all()
+        image = f["image"][:].astype(np.float32)  # 100 HU -> 0.625, air -> 0; constant along R-L, so exact
+        assert (image[1] == 0.625).all() and (image[4][10:] == 0.625).all() and (image[4][:10] == 0).all()
+        assert (image[[0, 2, 3, 5, 6]] == 0).all()
+        assert np.allclose(f.attrs["canonical_spacing"], [0.7, 0.9, 3.0])
 
 
 def _case(tmp_path, img, lab=None, img_aff=None, lab_aff=None, dtype=np.int16):
@@ -153,3 +187,81 @@ def test_scaled_int16_image_is_windowed_in_hu(tmp_path):
     preprocess_case("s", p, tmp_path / "s.h5", size=8)
     with h5py.File(tmp_path / "s.h5") as f:
         assert float(f["image"][1, 2, 2]) == pytest.approx((50 + 150) / 400, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- non-square grids
+NX, NY, NZ = 40, 56, 12  # canonical R-L x A-P x I-S: a non-square in-plane matrix
+SPACING = (0.7, 0.9, 3.0)  # anisotropic voxels (mm)
+BX, BY = 5, 7  # label blocks: 8 x 8 blocks per slice, each 4 x 4 pixels once resized to 32 x 32
+HU = {0: -1000, 1: 100, 2: 40}  # windowed to 0, 0.625 and 0.475
+
+
+def blocky_case(codes, seed=0):
+    """A labelled volume built from BX x BY in-plane blocks, stored in the axis order ``codes``.  Returns the
+    stored image, label and affine, and the canonical (RAS) block grid (8, 8, NZ)."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    rng = np.random.default_rng(seed)
+    grid = rng.choice([0, 1, 1, 2], size=(NX // BX, NY // BY, NZ)).astype(np.uint8)
+    grid[:, :, [0, NZ - 1]] = 0  # no liver on the first and last slice
+    grid[:, :, 5] = np.where(grid[:, :, 5] == 2, 1, grid[:, :, 5])  # liver without tumour on slice 5
+    lab = np.kron(grid, np.ones((BX, BY, 1), np.uint8))
+    img = np.vectorize(HU.get)(lab).astype(np.int16)
+    aff = np.diag(list(SPACING) + [1.0])
+    aff[:3, 3] = [-20.0, 35.0, 7.5]
+    t = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(codes))
+    aff_o = aff @ inv_ornt_aff(t, lab.shape)
+    return (np.ascontiguousarray(apply_orientation(img, t)), np.ascontiguousarray(apply_orientation(lab, t)),
+            aff_o, grid)
+
+
+CODES = [("R", "A", "S"), ("L", "P", "S"), ("A", "R", "I"), ("P", "I", "L")]
+
+
+@pytest.mark.parametrize("codes", CODES)
+def test_non_square_anisotropic_slices_and_labels(tmp_path, codes):
+    img, lab, aff, grid = blocky_case(codes)
+    ip = write_nifti(tmp_path / "v.nii.gz", img, aff)
+    lp = write_nifti(tmp_path / "l.nii.gz", lab, aff)
+    preprocess_case("ns", ip, tmp_path / "ns.h5", label_path=lp, size=32)
+    with h5py.File(tmp_path / "ns.h5") as f:
+        image, label, a = f["image"][:].astype(np.float32), f["label"][:], dict(f.attrs)
+        liver_present, tumour_present = f["liver_present"][:], f["tumour_present"][:]
+    assert image.shape == label.shape == (NZ, 32, 32)
+    for z in range(NZ):
+        want = np.kron(grid[:, :, z].T, np.ones((4, 4), np.uint8))  # rows = A-P blocks, columns = R-L blocks
+        assert np.array_equal(label[z], want), z
+        # the image is resized with antialiasing; the central 2 x 2 pixels of each 4 x 4 block see only that block
+        centres = image[z].reshape(8, 4, 8, 4)[:, 1:3, :, 1:3]
+        win = np.vectorize(lambda k: min(max((HU[k] + 150) / 400, 0.0), 1.0))(grid[:, :, z].T)
+        assert np.allclose(centres, win[:, None, :, None], atol=1e-3), z
+    assert np.array_equal(liver_present, (grid >= 1).any(axis=(0, 1)))
+    assert np.array_equal(tumour_present, (grid == 2).any(axis=(0, 1)))
+    assert not liver_present[0] and not tumour_present[5] and liver_present[5]
+    assert list(a["canonical_shape"]) == [NX, NY, NZ]
+    assert np.allclose(a["canonical_spacing"], SPACING)
+    assert np.allclose(a["spacing"], np.linalg.norm(aff[:3, :3], axis=0))
+    assert tuple(a["original_shape"]) == img.shape and np.allclose(a["affine"], aff)
+
+
+@pytest.mark.parametrize("codes", CODES)
+def test_stored_geometry_leads_back_to_the_original_grid(tmp_path, codes):
+    """From the stored label and the file's attributes alone (nibabel for the reorientation, nearest pixel
+    centres for the resize): the source label voxel for voxel, on the source grid."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    img, lab, aff, _ = blocky_case(codes, seed=1)
+    ip = write_nifti(tmp_path / "v.nii.gz", img, aff)
+    lp = write_nifti(tmp_path / "l.nii.gz", lab, aff)
+    preprocess_case("ns", ip, tmp_path / "ns.h5", label_path=lp, size=32)
+    with h5py.File(tmp_path / "ns.h5") as f:
+        stored, a = f["label"][:], dict(f.attrs)
+    nx, ny, nz = (int(v) for v in a["canonical_shape"])
+    size = int(a["size"])
+    rows = ((np.arange(ny) + 0.5) * size / ny).astype(int)  # canonical y -> stored row
+    cols = ((np.arange(nx) + 0.5) * size / nx).astype(int)  # canonical x -> stored column
+    canonical = np.transpose(stored[:, rows][:, :, cols], (2, 1, 0))  # (z, y, x) -> (x, y, z)
+    assert canonical.shape == (nx, ny, nz)
+    back = apply_orientation(canonical, ornt_transform(axcodes2ornt(("R", "A", "S")), io_orientation(a["affine"])))
+    assert back.shape == tuple(a["original_shape"])
+    assert np.array_equal(back, lab)

@@ -115,7 +115,10 @@ def test_failing_job_is_reported_as_failed(slurm, tmp_path):
     text = r.stdout + r.stderr
     assert r.returncode not in (0, 124, 137), text[-3000:]  # failed, and did not hang into the timeout
     assert (tmp_path / "results/preprocess/good.h5").exists(), text[-3000:]
-    assert (tmp_path / "results/preprocess/good.h5").exists()
+    import h5py
+
+    with h5py.File(tmp_path / "results/preprocess/good.h5") as f:  # the good case's job finished its output
+        assert f.attrs["case_id"] == "good" and f["image"].shape == (6, 32, 32) and "label" not in f
     assert not (tmp_path / "results/preprocess/bad.h5").exists()
     log = (tmp_path / "results/logs/preprocess/bad.log").read_text().strip().splitlines()
     assert log[-1].startswith("liverseg preprocess: error: case bad: cannot read image")

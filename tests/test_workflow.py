@@ -31,7 +31,7 @@ def snakemake(workdir, *args, check=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if check and r.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{r.stderr[-4000:]}")
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}")
     return r
 
 
@@ -140,3 +140,56 @@ def test_html_report(demo_run):
     snakemake(demo_run, "--report", str(demo_run / "report.html"))
     html = (demo_run / "report.html").read_text(errors="replace")
     assert len(html) > 100_000 and "summary.md" in html and "curves.png" in html
+
+
+def _with(demo_run, name, override):
+    (demo_run / name).write_text(yaml.safe_dump(override))
+    return ["--configfile", str(demo_run / "config.yaml"), str(demo_run / name)]
+
+
+def test_config_edits_rerun_only_what_reads_them(demo_run):
+    """Each stage's params hold only the config it reads: model B's learning rate retrains B alone and redoes only
+    the V4 predictions after it; how jobs run (threads, device of nothing, HDF5 compression) reruns nothing."""
+    split = json.loads((demo_run / "results/split/split.json").read_text())
+    jobs = _dry_jobs(demo_run, *_with(demo_run, "blr.yaml", {"train": {**TINY["train"], "model_b": {
+        **TINY["train"]["model_b"], "lr": 0.0123}}}))
+    assert jobs["train"] == 1 and jobs["predict"] == len(split["test"]), jobs  # model_b; v4_cascade only
+    r = snakemake(demo_run, "-n", *_with(demo_run, "blr.yaml", {"train": {**TINY["train"], "model_b": {
+        **TINY["train"]["model_b"], "lr": 0.0123}}}))
+    assert re.search(r"output: results/train/model_b/model.pt", r.stdout)
+    assert not re.search(r"output: results/train/(classifier|model_a|v1_3dcnn|v3_convlstm)/", r.stdout)
+    assert not re.search(r"output: results/predict/(v1_3dcnn|v2_unetpp_cca|v3_convlstm)/", r.stdout)
+    for name, over in (("thr.yaml", {"train": {**TINY["train"], "threads": 2}, "predict": {"threads": 1}}),
+                       ("lzf.yaml", {"slices": {**TINY["slices"], "compression": "lzf"}})):
+        assert _dry_jobs(demo_run, *_with(demo_run, name, over)) == {}, name
+
+
+def test_a_changed_reference_label_reruns_what_it_feeds(demo_run):
+    """Reference labels and CT images are inputs of evaluation and overlays, not params."""
+    split = json.loads((demo_run / "results/split/split.json").read_text())
+    case = split["test"][0]
+    label = demo_run / "results/ingest/phantom" / f"segmentation-{case}.nii.gz"
+    st = label.stat()
+    os.utime(label, (st.st_atime, st.st_mtime + 100))
+    try:
+        r = snakemake(demo_run, "-n")
+    finally:
+        os.utime(label, (st.st_atime, st.st_mtime))
+    for exp in TINY["experiments"]:
+        assert f"results/evaluate/{exp}/post/cases/{case}.tsv" in r.stdout
+        assert f"results/report/overlays/{exp}/{case}.png" in r.stdout
+    assert "rule train:" not in r.stdout  # a test case's label never retrains
+
+
+def test_cpu_only_machine_asks_for_no_gpu(demo_run):
+    """device: auto on a machine without a GPU: training and prediction jobs request gpu=0, so the default
+    profile's `gpu: 1` limit does not serialise them; device: cuda asks for one."""
+    if os.path.isdir("/proc/driver/nvidia/gpus"):
+        pytest.skip("this machine has a GPU")
+    r = snakemake(demo_run, "-n", "--forcerun", "results/train/model_a/model.pt")
+    block = r.stdout[r.stdout.index("rule train:"):]
+    assert re.search(r"resources:.*\bgpu=0\b", block.split("\n\n")[0]), block[:800]
+    r = snakemake(demo_run, "-n", "--forcerun", "results/train/model_a/model.pt",
+                  *_with(demo_run, "cuda.yaml", {"train": {**TINY["train"], "device": "cuda"}}))
+    block = r.stdout[r.stdout.index("rule train:"):]
+    assert re.search(r"resources:.*\bgpu=1\b", block.split("\n\n")[0]), block[:800]

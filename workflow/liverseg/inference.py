@@ -82,9 +82,11 @@ def _probs(model, x: torch.Tensor, device, amp: bool, transforms=((False, 1.0),)
             xa = _warp(x, flip, zoom, inverse=False, padding="border")
             with autocast(device, amp):
                 pa = torch.softmax(model(xa.to(device)).float(), dim=1).cpu()
+            # Mapped back with zero padding, p is already weighted by how much of each pixel this pass saw (w):
+            # adding p (not p * w) and dividing by the summed w keeps the class probabilities summing to 1.
             p = _warp(pa, flip, zoom, inverse=True)
-            w = _warp(torch.ones_like(pa[:, :1]), flip, zoom, inverse=True)  # where this pass saw the slice
-        acc = p * w if acc is None else acc + p * w
+            w = _warp(torch.ones_like(pa[:, :1]), flip, zoom, inverse=True)
+        acc = p if acc is None else acc + p
         weight = w if weight is None else weight + w
     return acc / weight.clamp_min(1e-6)
 

@@ -173,7 +173,8 @@ def load(weights_path, spec_path=None, device="cpu") -> tuple[nn.Module, dict]:
     if not isinstance(state, dict):
         raise ModelFileError(f"{weights_path} does not hold a state_dict")
     try:
-        model = build(spec)
+        # The file holds every weight: never let the builder fetch pretrained ones (compute nodes are offline).
+        model = build({**spec, "encoder_weights": None})
         model.load_state_dict(state)
     except (KeyError, RuntimeError, TypeError) as exc:
         raise ModelFileError(

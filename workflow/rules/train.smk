@@ -15,7 +15,8 @@ rule train:
     params:
         cfg=train_params_json,
         ckpt=lambda wc: f"{R}/checkpoints/{wc.role}",
-        needs=lambda wc, input: role_options("--needs", ROLES[wc.role]["needs"], input.needs),
+        # A role without needs has no `needs` input at all (Snakemake drops empty named lists).
+        needs=lambda wc, input: role_options("--needs", ROLES[wc.role]["needs"], getattr(input, "needs", [])),
     threads: config["train"]["threads"]
     resources:
         mem_mb=lambda wc: ROLES[wc.role]["mem_mb"],
