@@ -32,7 +32,7 @@ from liverseg.io import load_nifti, read_labels  # noqa: E402
 from liverseg.metrics import lesion_detection  # noqa: E402
 from liverseg.phantom import PhantomSpec, write_case  # noqa: E402
 from liverseg.postprocess import postprocess_case  # noqa: E402
-from liverseg.predict import predict_case  # noqa: E402
+from liverseg.predict import models_in, predict_case  # noqa: E402
 from liverseg.preprocess import preprocess_case  # noqa: E402
 
 TEST_DATASET_SEED = 7  # the demo's phantom uses dataset seed 0 (case seeds 0..n-1)
@@ -89,7 +89,7 @@ def run_variant(models: Path, cases, out: Path, mode: str, gate="auto", tta="aut
     rows = {}
     for case, _, lab, h5 in cases:
         raw, post = out / f"{case}_raw.nii.gz", out / f"{case}.nii.gz"
-        predict_case(case, h5, models, raw, mode=mode, device="cpu", tta=tta, gate=gate)
+        predict_case(case, h5, models_in(models, mode), raw, mode=mode, device="cpu", tta=tta, gate=gate)
         postprocess_case(case, raw, post)
         rows[case] = score(post, lab)
     return rows

@@ -167,3 +167,42 @@ def test_autocast_on_cuda_uses_half_precision():
         out = a @ b
     want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert out.dtype == want
+
+
+class _Fixed(torch.nn.Module):
+    """Returns fixed logits whatever the input (shape taken from the input's batch and size)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, x):
+        shape = (x.shape[0], len(self.logits), *x.shape[2:]) if self.logits.ndim else (x.shape[0],)
+        return self.logits.view(1, -1, *([1] * (x.dim() - 2))).expand(shape) if self.logits.ndim else \
+            self.logits.expand(shape)
+
+
+def test_ensemble_averages_member_probabilities():
+    a, b = _Fixed([2.0, 0.0, -1.0]), _Fixed([-1.0, 3.0, 0.0])
+    ens = M.Ensemble([a, b], class_dim=1, binary=False)
+    x = torch.zeros(2, 1, 4, 5)
+    want = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+    assert torch.allclose(torch.softmax(ens(x), 1), want, atol=1e-6)
+    c, d = _Fixed(torch.tensor(2.0).tolist()), _Fixed(torch.tensor(-0.5).tolist())
+    ens = M.Ensemble([c, d], class_dim=1, binary=True)
+    x = torch.zeros(3, 1, 4, 4)
+    want = (torch.sigmoid(torch.tensor(2.0)) + torch.sigmoid(torch.tensor(-0.5))) / 2
+    assert torch.allclose(torch.sigmoid(ens(x)), want.expand(3), atol=1e-6)
+
+
+def test_load_ensemble_checks_members_and_averages_the_threshold(tmp_path):
+    spec = {**_spec("classifier"), "classes": 1, "input_size": 32}
+    for i, thr in enumerate((0.2, 0.6)):
+        M.save(M.build(spec), {**spec, "threshold": thr}, tmp_path / f"{i}.pt", tmp_path / f"{i}.json")
+    model, s = M.load_ensemble([tmp_path / "0.pt", tmp_path / "1.pt"])
+    assert isinstance(model, M.Ensemble) and s["threshold"] == pytest.approx(0.4) and len(s["ensemble"]) == 2
+    single, s1 = M.load_ensemble([tmp_path / "0.pt"])
+    assert not isinstance(single, M.Ensemble) and s1["threshold"] == 0.2
+    M.save(M.build(spec), {**spec, "input_size": spec["input_size"] * 2}, tmp_path / "2.pt", tmp_path / "2.json")
+    with pytest.raises(ModelFileError, match=r"cannot join an ensemble .* differ in \['input_size'\]"):
+        M.load_ensemble([tmp_path / "0.pt", tmp_path / "2.pt"])

@@ -142,3 +142,22 @@ def test_predict_new_scans_dicom_and_folder(tiny_dataset, tiny_models, tmp_path)
     assert r.returncode == 1
     assert "case broken: cannot read image" in r.stderr
     assert (tmp_path / "out" / "good.nii.gz").exists() and not (tmp_path / "out" / "broken.nii.gz").exists()
+
+
+def test_predict_path_writes_into_an_existing_folder_and_refuses_bad_outputs(tmp_path, monkeypatch):
+    from liverseg.errors import CaseError
+
+    seen = []
+    monkeypatch.setattr(P, "predict_scan", lambda src, out, models, **kw: seen.append(out) or {"out": str(out)})
+    scan = tmp_path / "volume-12.nii.gz"
+    scan.write_bytes(b"")
+    (tmp_path / "out").mkdir()
+    P.predict_path(scan, tmp_path / "out", "models")
+    P.predict_path(scan, tmp_path / "out" / "x.nii.gz", "models")
+    assert seen == [tmp_path / "out" / "volume-12.nii.gz", tmp_path / "out" / "x.nii.gz"]
+    with pytest.raises(CaseError, match="neither an existing folder nor a .nii/.nii.gz file"):
+        P.predict_path(scan, tmp_path / "nowhere", "models")
+    with pytest.raises(CaseError, match="the folder of output .* does not exist"):
+        P.predict_path(scan, tmp_path / "no" / "x.nii.gz", "models")
+    with pytest.raises(CaseError, match="input does not exist"):
+        P.predict_path(tmp_path / "missing.nii.gz", tmp_path / "out", "models")

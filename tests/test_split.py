@@ -30,3 +30,28 @@ def test_tiny_datasets_keep_a_training_case():
     assert len(s["train"]) == 1 and len(s["val"]) == 1 and len(s["test"]) == 1
     with pytest.raises(ValueError, match="fold"):
         make_split(IDS, folds=2, fold=2)
+
+
+def test_split_from_checks_reads_verdicts_by_content_and_leaves_failed_cases_out(tmp_path):
+    import json
+
+    from liverseg.errors import ConfigError
+    from liverseg.ingest import Case, Discovery, write_case_table
+    from liverseg.split import split_from_checks
+
+    ids = [f"c{i}" for i in range(8)]
+    write_case_table(Discovery([Case(c, f"{c}.nii", f"{c}_l.nii") for c in ids] + [Case("p", "p.nii")], []),
+                     tmp_path / "cases.tsv")
+    checks = []
+    for i, c in enumerate(ids + ["p"]):
+        f = tmp_path / f"verdict_{len(ids) - i}.json"  # file names say nothing: the case id is read from the file
+        f.write_text(json.dumps({"case": c, "ok": c != "c3", "error": f"case {c}: broken" if c == "c3" else ""}))
+        checks.append(str(f))
+    sp = split_from_checks(tmp_path / "cases.tsv", checks, tmp_path / "split.json", seed=1, test_fraction=0.25,
+                           val_fraction=0.2)
+    assert json.loads((tmp_path / "split.json").read_text()) == sp
+    assert sp["failed"] == {"c3": "case c3: broken"} and sp["predict"] == ["p"]
+    assert sorted(sp["train"] + sp["val"] + sp["test"]) == sorted(set(ids) - {"c3"})
+    assert sp == {**make_split(ids, ["p"], 1, 0.25, 0.2, failed={"c3": "case c3: broken"})}
+    with pytest.raises(ConfigError, match="no check verdict for case"):
+        split_from_checks(tmp_path / "cases.tsv", checks[1:], tmp_path / "s2.json")

@@ -164,21 +164,22 @@ def test_config_edits_rerun_only_what_reads_them(demo_run):
         assert _dry_jobs(demo_run, *_with(demo_run, name, over)) == {}, name
 
 
-def test_a_changed_reference_label_reruns_what_it_feeds(demo_run):
-    """Reference labels and CT images are inputs of evaluation and overlays, not params."""
+def test_everything_evaluation_and_overlays_read_is_an_input(demo_run):
+    """Reference labels, CT images and the case's HDF5 (its window) are inputs of evaluation and overlays, not
+    params, so a changed label reruns them (Snakemake reruns a job whose input content changed)."""
     split = json.loads((demo_run / "results/split/split.json").read_text())
-    case = split["test"][0]
-    label = demo_run / "results/ingest/phantom" / f"segmentation-{case}.nii.gz"
-    st = label.stat()
-    os.utime(label, (st.st_atime, st.st_mtime + 100))
-    try:
-        r = snakemake(demo_run, "-n")
-    finally:
-        os.utime(label, (st.st_atime, st.st_mtime))
-    for exp in TINY["experiments"]:
-        assert f"results/evaluate/{exp}/post/cases/{case}.tsv" in r.stdout
-        assert f"results/report/overlays/{exp}/{case}.png" in r.stdout
-    assert "rule train:" not in r.stdout  # a test case's label never retrains
+    r = snakemake(demo_run, "-n", "--forcerun", "evaluate_case", "overlay")
+    blocks = r.stdout.split("\n\n")
+    for case in split["test"]:
+        label = f"results/ingest/phantom/segmentation-{case}.nii.gz"
+        image = f"results/ingest/phantom/volume-{case}.nii.gz"
+        for exp in TINY["experiments"]:
+            ev = next(b for b in blocks if f"output: results/evaluate/{exp}/post/cases/{case}.tsv" in b)
+            assert re.search(rf"input: .*{re.escape(label)}", ev), ev
+            ov = next(b for b in blocks if f"output: results/report/overlays/{exp}/{case}.png" in b)
+            inputs = next(ln for ln in ov.splitlines() if ln.strip().startswith("input:"))
+            for f in (label, image, f"results/preprocess/{case}.h5"):
+                assert f in inputs, (f, inputs)
 
 
 def test_cpu_only_machine_asks_for_no_gpu(demo_run):

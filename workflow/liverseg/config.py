@@ -13,7 +13,7 @@ import jsonschema
 import yaml
 
 from liverseg.errors import ConfigError
-from liverseg.roles import ROLES
+from liverseg.roles import EXPERIMENTS, ROLES
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
@@ -52,6 +52,9 @@ def validate(cfg: dict) -> dict:
         e = errors[0]
         key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
         raise ConfigError(f"invalid config value at '{key}': {e.message}")
+    unknown = [e for e in cfg["experiments"] if e not in EXPERIMENTS]
+    if unknown:
+        raise ConfigError(f"invalid config value at 'experiments': unknown {unknown}; known: {list(EXPERIMENTS)}")
     return cfg
 
 

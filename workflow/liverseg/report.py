@@ -14,15 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from liverseg.errors import CaseError  # noqa: E402
+from liverseg.roles import EXPERIMENTS  # noqa: E402
 from liverseg.io import atomic_path, geometry_of, load_nifti, read_labels, read_raw  # noqa: E402
 
-# Rows of the original study's results table, in its order, with what each experiment is.
-EXPERIMENTS = {
-    "v4_cascade": "V4 cascade: classifier + UNet++ A/B, gated, + CCA",
-    "v2_unetpp_cca": "V2 2D UNet++ + CCA",
-    "v3_convlstm": "V3 2.5D ConvLSTM + CCA",
-    "v1_3dcnn": "V1 3D CNN + CCA",
-}
 COLOURS = {"liver": "#33dd55", "tumour": "#ff3355"}
 
 
@@ -139,7 +133,7 @@ def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], 
         " lesion recall | inference s/case | cases | liver Dice per case before CCA |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, name in EXPERIMENTS.items():
+    for key, name in ((k, e["title"]) for k, e in EXPERIMENTS.items()):
         if key not in run or key not in summaries:
             lines.append(f"| {name} | not run | | | | | | | |")
             continue

@@ -1,6 +1,6 @@
 """The one table of model roles and experiments.
 
-Read by the workflow (workflow/rules/common.smk: which models a rule needs, the `train` rule's `{role}` wildcard
+Read by the config check (`experiments` must name rows of EXPERIMENTS), by the workflow (workflow/rules/common.smk: which models a rule needs, the `train` rule's `{role}` wildcard
 and resources), by the CLI (choices of `--role` and `--mode`), by training (dataset, sampler, loss, validator) and
 by prediction (which models a mode loads).  Adding a role or an experiment means adding a row here.
 
@@ -44,11 +44,12 @@ MODES: dict[str, list[str]] = {
     "v1_3dcnn": ["v1_3dcnn"],
 }
 
+# The original study's experiments, in its results table's order: prediction mode and the table's row title.
 EXPERIMENTS: dict[str, dict] = {
-    "v1_3dcnn": {"mode": "v1_3dcnn"},
-    "v2_unetpp_cca": {"mode": "model_a"},
-    "v3_convlstm": {"mode": "v3_convlstm"},
-    "v4_cascade": {"mode": "cascade"},
+    "v4_cascade": {"mode": "cascade", "title": "V4 cascade: classifier + UNet++ A/B, gated, + CCA"},
+    "v2_unetpp_cca": {"mode": "model_a", "title": "V2 2D UNet++ + CCA"},
+    "v3_convlstm": {"mode": "v3_convlstm", "title": "V3 2.5D ConvLSTM + CCA"},
+    "v1_3dcnn": {"mode": "v1_3dcnn", "title": "V1 3D CNN + CCA"},
 }
 
 GATES = ("route", "suppress")

@@ -4,12 +4,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from snakemake.utils import validate
-
 # The package lives in workflow/liverseg (importable here without installation).
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
-from liverseg.config import training_view  # noqa: E402
+from liverseg.config import training_view, validate as validate_config  # noqa: E402
 from liverseg.errors import ConfigError  # noqa: E402
 from liverseg.ingest import discover  # noqa: E402
 from liverseg.roles import EXPERIMENTS, MODES, ROLES  # noqa: E402
@@ -17,7 +15,11 @@ from liverseg.runenv import configure, local_gpus  # noqa: E402
 
 configure(workflow.basedir)
 
-validate(config, schema="../schemas/config.schema.yaml")
+# The schema (defaults filled in) plus the checks a schema cannot express (experiment names from liverseg.roles).
+try:
+    validate_config(config)
+except ConfigError as _exc:
+    raise WorkflowError(f"liverseg: {_exc}") from None
 
 R = config["results"]
 try:

@@ -1,0 +1,67 @@
+"""liverseg.report: overlays in the case's own window, the comparison table and plot from summary files."""
+
+import json
+
+import matplotlib.axes
+import numpy as np
+import pytest
+
+from liverseg.evaluate import aggregate_files, evaluate_case
+from liverseg.preprocess import preprocess_case
+from liverseg.report import overlay_case, summarize
+
+from conftest import write_nifti
+
+
+def test_overlay_shows_the_window_the_case_was_preprocessed_with(tiny_case, tmp_path, monkeypatch):
+    img, lab = tiny_case
+    h5 = tmp_path / "1.h5"
+    preprocess_case("1", img, h5, label_path=lab, lower=-60, upper=140, size=32)
+    seen = []
+    real = matplotlib.axes.Axes.imshow
+
+    def spy(self, *a, **k):
+        seen.append((k.get("vmin"), k.get("vmax")))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy)
+    out = tmp_path / "o.png"
+    overlay_case("1", img, lab, lab, h5, out, title="t")
+    assert out.stat().st_size > 5000
+    assert seen and set(seen) == {(-60.0, 140.0)}
+
+
+def _summary(tmp_path, exp, stage, dice_pairs):
+    tsvs = []
+    for case, overlap in dice_pairs:
+        ref = np.zeros((6, 6, 6), np.uint8)
+        ref[1:5, 1:5, 1:5] = 1
+        pred = np.zeros_like(ref)
+        pred.flat[np.flatnonzero(ref)[:overlap]] = 1
+        r = write_nifti(tmp_path / f"{exp}{stage}{case}r.nii.gz", ref)
+        p = write_nifti(tmp_path / f"{exp}{stage}{case}p.nii.gz", pred)
+        tsvs.append(tmp_path / f"{exp}{stage}{case}.tsv")
+        evaluate_case(case, p, r, tsvs[-1])
+    out = tmp_path / f"{exp}_{stage}.json"
+    aggregate_files(tsvs, tmp_path / f"{exp}_{stage}.tsv", out,
+                    {"experiment": exp, "stage": stage, "failed_cases": {"9": "case 9: broken"}})
+    return str(out)
+
+
+def test_summarize_reads_experiment_and_stage_from_each_summary(tmp_path):
+    files = [_summary(tmp_path, "v2_unetpp_cca", "post", [("1", 64), ("2", 32)]),
+             _summary(tmp_path, "v2_unetpp_cca", "raw", [("1", 64), ("2", 16)])]
+    bench = tmp_path / "b.tsv"
+    bench.write_text("s\th:m:s\n12.5\t0:00:12\n")
+    bench2 = tmp_path / "b2.tsv"
+    bench2.write_text("s\th:m:s\n7.5\t0:00:07\n")
+    md = summarize(files, {"v2_unetpp_cca": [str(bench), str(bench2)]}, tmp_path / "s.md", tmp_path / "d.png")
+    row = next(ln for ln in md.splitlines() if ln.startswith("| V2 2D UNet++ + CCA"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    # post: case 1 Dice 1, case 2 Dice 2*32/(32+64) = 0.667 -> mean 0.8333; pooled 2*96/(96+128) = 0.8571
+    assert cells[1].startswith("0.8333 ± ") and cells[2] == "0.8571" and cells[6] == "10.0"
+    # raw stage in the last column: case 2 Dice 2*16/(16+64) = 0.4 -> mean 0.7
+    assert cells[8].startswith("0.7000 ± ")
+    assert "| V4 cascade: classifier + UNet++ A/B, gated, + CCA | not run |" in md
+    assert "`9`: case 9: broken" in md
+    assert (tmp_path / "d.png").stat().st_size > 5000
