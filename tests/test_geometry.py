@@ -37,6 +37,7 @@ def test_region_grow_and_tile_region():
     assert tile_region((0, 32, 5, 30), 32, 16) == (0, 32, 5, 30)  # already large enough
     assert tile_region((2, 5, 2, 5), 12, 16) == (0, 12, 0, 12)  # slice smaller than a patch
     assert tile_region((-4, 40, -1, 3), 32, 8) == (0, 32, 0, 8)  # clipped to the grid first
+    assert tile_region((28, 31, 0, 32), 32, 16) == (16, 32, 0, 32)  # at the far edge: moved back inside
 
 
 def test_patch_grid_covers_every_pixel_with_half_overlap():

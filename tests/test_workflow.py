@@ -187,7 +187,8 @@ def test_cpu_only_machine_asks_for_no_gpu(demo_run):
     profile's `gpu: 1` limit does not serialise them; device: cuda asks for one."""
     if os.path.isdir("/proc/driver/nvidia/gpus"):
         pytest.skip("this machine has a GPU")
-    r = snakemake(demo_run, "-n", "--forcerun", "results/train/model_a/model.pt")
+    r = snakemake(demo_run, "-n", "--forcerun", "results/train/model_a/model.pt",
+                  *_with(demo_run, "auto.yaml", {"train": {**TINY["train"], "device": "auto"}}))
     block = r.stdout[r.stdout.index("rule train:"):]
     assert re.search(r"resources:.*\bgpu=0\b", block.split("\n\n")[0]), block[:800]
     r = snakemake(demo_run, "-n", "--forcerun", "results/train/model_a/model.pt",
