@@ -84,7 +84,13 @@ def tiny_dataset(tmp_path_factory):
 
 def fit(role, paths, split, cfg, out_dir, checkpoint_dir, needs=None, **kw):
     """Train ``role`` on the split's train/val cases into the standard files of ``out_dir`` (as the rule does)."""
-    from liverseg.train import outputs_in, train
+    from liverseg.train import train
 
-    return train(role, [paths[c] for c in split["train"]], [paths[c] for c in split["val"]], cfg,
-                 outputs_in(out_dir), checkpoint_dir, needs=needs, **kw)
+    out_dir = Path(out_dir)
+    outputs = {"model": out_dir / "model.pt", "spec": out_dir / "model.json", "log": out_dir / "log.csv",
+               "curves": out_dir / "curves.png"}
+    kw.setdefault("threads", 1)
+    kw.setdefault("device", cfg["train"]["device"])  # how the job runs: passed apart from the config, as the rule does
+    kw.setdefault("workers", cfg["train"]["workers"])
+    return train(role, [paths[c] for c in split["train"]], [paths[c] for c in split["val"]], cfg, outputs,
+                 checkpoint_dir, needs=needs, **kw)

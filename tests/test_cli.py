@@ -49,21 +49,44 @@ def test_evaluate_shape_mismatch_names_the_case(tmp_path):
 COMMANDS += ["check", "show-config", "predict", "kaggle"]
 
 
-def test_cli_defaults_are_the_schema_defaults():
-    """The CLI holds no defaults of its own: each option that mirrors a config key defaults to the schema's value."""
-    from liverseg.cli import build_parser
-    from liverseg.config import default
+def test_cli_defaults_are_the_schema_defaults(monkeypatch):
+    """The CLI holds no defaults of its own: with the schema's defaults replaced, every option that mirrors a
+    config key follows them (a literal default in cli.py would not)."""
+    import copy
 
-    p = build_parser()
-    sub = {a.dest: a for a in p._subparsers._group_actions[0].choices["preprocess"]._actions}
-    for opt, key in (("lower", "window.lower"), ("upper", "window.upper"), ("mode", "window.mode"),
-                     ("size", "slices.size"), ("compression", "slices.compression"),
-                     ("affine_tolerance", "ingest.affine_tolerance")):
-        assert sub[opt].default == default(key), opt
-    sub = {a.dest: a for a in p._subparsers._group_actions[0].choices["split"]._actions}
-    assert sub["test_fraction"].default == default("split.test_fraction")
-    sub = {a.dest: a for a in p._subparsers._group_actions[0].choices["postprocess"]._actions}
-    assert sub["connectivity"].default == default("postprocess.connectivity")
+    from liverseg import config
+    from liverseg.cli import build_parser
+
+    config.default("window.lower")  # fill the cache, then swap in other "schema" values
+    fake = copy.deepcopy(config._DEFAULTS)
+    fake["window"].update(lower=-77.0, upper=177.0, mode="study_v2")
+    fake["slices"].update(size=99, compression="gzip")
+    fake["ingest"]["affine_tolerance"] = 0.123
+    fake["split"].update(seed=5, test_fraction=0.31, val_fraction=0.17, folds=3, fold=2)
+    fake["train"].update(threads=7, device="cpu", workers=3)
+    fake["predict"].update(device="cpu", tta="false", gate="suppress", batch_size=5, threads=6)
+    fake["postprocess"].update(connectivity=6, min_lesion_mm3=12.5, fill_holes=True)
+    fake["dataset"]["phantom"].update(size=77, slices=33, max_tumours=2)
+    monkeypatch.setattr(config, "_DEFAULTS", fake)
+    cmds = build_parser()._subparsers._group_actions[0].choices
+
+    def defaults(cmd):
+        return {a.dest: a.default for a in cmds[cmd]._actions}
+
+    assert {k: defaults("preprocess")[k] for k in ("lower", "upper", "mode", "size", "compression",
+                                                   "affine_tolerance")} == {
+        "lower": -77.0, "upper": 177.0, "mode": "study_v2", "size": 99, "compression": "gzip", "affine_tolerance": 0.123}
+    assert {k: defaults("split")[k] for k in ("seed", "test_fraction", "val_fraction", "folds", "fold")} == {
+        "seed": 5, "test_fraction": 0.31, "val_fraction": 0.17, "folds": 3, "fold": 2}
+    assert {k: defaults("train")[k] for k in ("threads", "device", "workers")} == {"threads": 7, "device": "cpu",
+                                                                                  "workers": 3}
+    assert {k: defaults("predict-case")[k] for k in ("device", "tta", "gate", "batch", "threads")} == {
+        "device": "cpu", "tta": "false", "gate": "suppress", "batch": 5, "threads": 6}
+    assert {k: defaults("postprocess")[k] for k in ("connectivity", "min_lesion_mm3", "fill_holes")} == {
+        "connectivity": 6, "min_lesion_mm3": 12.5, "fill_holes": True}
+    assert defaults("check")["affine_tolerance"] == defaults("evaluate-case")["affine_tolerance"] == 0.123
+    assert {k: defaults("phantom")[k] for k in ("size", "slices", "max_tumours")} == {
+        "size": 77, "slices": 33, "max_tumours": 2}
 
 
 def test_a_bad_config_value_is_one_line_naming_the_key(tmp_path):

@@ -24,16 +24,17 @@ def _case(tmp_path, name, spacing, ref_idx, pred_idx, shape=(10, 10, 10)):
 
 
 def test_dice_global_pools_voxel_counts_not_millilitres(tmp_path):
-    """Case a: 1 mm voxels, Dice 0.5; case b: 2 mm voxels (8x the volume each), Dice 1.  Pooled over voxels as
-    LiTS does: 2 (50 + 100) / (200 + 200) = 0.75; weighting by mL would give 0.944."""
+    """Case a: 1 mm voxels, 100 + 100 voxels, Dice 0.5; case b: 2 mm voxels (8x the volume each), 300 + 300 voxels,
+    Dice 1.  Pooled over voxels as LiTS does: 2 (50 + 300) / (200 + 600) = 0.875; the mean of the per-case Dice is
+    0.75 and weighting by mL would give 2 (0.05 + 2.4) / (0.2 + 4.8) = 0.98."""
     a = _case(tmp_path, "a", (1, 1, 1), np.arange(100), np.arange(50, 150))
-    b = _case(tmp_path, "b", (2, 2, 2), np.arange(100), np.arange(100))
+    b = _case(tmp_path, "b", (2, 2, 2), np.arange(300), np.arange(300))
     rows = {(r["case"], r["class"]): r for r in read_rows(a) + read_rows(b)}
-    assert rows["a", "liver"]["overlap_voxels"] == 50 and rows["b", "liver"]["pred_voxels"] == 100
-    assert rows["b", "liver"]["ref_ml"] == pytest.approx(0.8)
+    assert rows["a", "liver"]["overlap_voxels"] == 50 and rows["b", "liver"]["pred_voxels"] == 300
+    assert rows["b", "liver"]["ref_ml"] == pytest.approx(2.4)
     s = aggregate_files([a, b], tmp_path / "per_case.tsv", tmp_path / "summary.json", {"experiment": "x"})
     liver = s["aggregate"]["liver"]
-    assert liver["dice_global"] == pytest.approx(0.75)
+    assert liver["dice_global"] == pytest.approx(0.875)
     assert liver["dice"]["mean"] == pytest.approx(0.75) and liver["dice_per_case"] == {"a": 0.5, "b": 1.0}
     # tumour: both empty in both cases -> per-case Dice 1 by convention, nothing to pool
     assert s["aggregate"]["tumour"]["dice_global"] is None

@@ -157,7 +157,7 @@ def test_predict_path_writes_into_an_existing_folder_and_refuses_bad_outputs(tmp
     assert seen == [tmp_path / "out" / "volume-12.nii.gz", tmp_path / "out" / "x.nii.gz"]
     with pytest.raises(CaseError, match="neither an existing folder nor a .nii/.nii.gz file"):
         P.predict_path(scan, tmp_path / "nowhere", "models")
-    with pytest.raises(CaseError, match="the folder of output .* does not exist"):
-        P.predict_path(scan, tmp_path / "no" / "x.nii.gz", "models")
+    P.predict_path(scan, tmp_path / "new" / "x.nii.gz", "models")  # the file's folder is made when written
+    assert seen[-1] == tmp_path / "new" / "x.nii.gz"
     with pytest.raises(CaseError, match="input does not exist"):
         P.predict_path(tmp_path / "missing.nii.gz", tmp_path / "out", "models")

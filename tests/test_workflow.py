@@ -182,16 +182,27 @@ def test_everything_evaluation_and_overlays_read_is_an_input(demo_run):
                 assert f in inputs, (f, inputs)
 
 
-def test_cpu_only_machine_asks_for_no_gpu(demo_run):
-    """device: auto on a machine without a GPU: training and prediction jobs request gpu=0, so the default
-    profile's `gpu: 1` limit does not serialise them; device: cuda asks for one."""
-    if os.path.isdir("/proc/driver/nvidia/gpus"):
-        pytest.skip("this machine has a GPU")
-    r = snakemake(demo_run, "-n", "--forcerun", "results/train/model_a/model.pt",
-                  *_with(demo_run, "auto.yaml", {"train": {**TINY["train"], "device": "auto"}}))
-    block = r.stdout[r.stdout.index("rule train:"):]
-    assert re.search(r"resources:.*\bgpu=0\b", block.split("\n\n")[0]), block[:800]
-    r = snakemake(demo_run, "-n", "--forcerun", "results/train/model_a/model.pt",
-                  *_with(demo_run, "cuda.yaml", {"train": {**TINY["train"], "device": "cuda"}}))
-    block = r.stdout[r.stdout.index("rule train:"):]
-    assert re.search(r"resources:.*\bgpu=1\b", block.split("\n\n")[0]), block[:800]
+def _job_block(stdout, rule):
+    return stdout[stdout.index(f"rule {rule}:"):].split("\n\n")[0]
+
+
+@pytest.mark.parametrize("visible, device, gpus", [("", "auto", 0), ("0", "auto", 1), ("0", "cpu", 0), ("", "cuda", 1)])
+def test_jobs_ask_for_a_gpu_only_when_one_is_configured(demo_run, monkeypatch, visible, device, gpus):
+    """device auto asks for a GPU only where the machine shows one (CUDA_VISIBLE_DEVICES stands in for a GPU
+    machine here), so on a CPU-only workstation the default profile's `gpu: 1` limit serialises nothing."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    over = {"train": {**TINY["train"], "device": device}, "predict": {"device": device}}
+    r = snakemake(demo_run, "-n", "--forcerun", "results/train/model_a/model.pt", *_with(demo_run, "dev.yaml", over))
+    for rule in ("train", "predict"):
+        assert re.search(rf"resources:.*\bgpu={gpus}\b", _job_block(r.stdout, rule)), _job_block(r.stdout, rule)
+
+
+def test_training_jobs_get_how_to_run_from_the_config(demo_run):
+    """Execution settings are left out of the rerun key but still reach the job."""
+    over = {"train": {**TINY["train"], "device": "cpu", "workers": 3}, "predict": {"device": "cpu", "batch_size": 5}}
+    r = snakemake(demo_run, "-n", "-p", "--forcerun", "results/train/model_a/model.pt",
+                  *_with(demo_run, "run.yaml", over))
+    train_cmd = next(ln for ln in r.stdout.splitlines() if "liverseg train --role model_a" in ln)
+    assert "--device cpu --workers 3" in train_cmd, train_cmd
+    pred_cmd = next(ln for ln in r.stdout.splitlines() if "liverseg predict-case" in ln)
+    assert "--device cpu" in pred_cmd and "--batch 5" in pred_cmd, pred_cmd

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from liverseg.config import default
 from liverseg.geometry import bbox, grow, region_of, tile_region, z_range
 from liverseg.inference import slice_probs, tile_probs
 from liverseg.postprocess import largest_component
@@ -53,7 +54,7 @@ class AOutput:
         return p
 
 
-def run_a(model, spec, image: np.ndarray, device, batch: int = 16, amp: bool = True, tta: bool = False) -> AOutput:
+def run_a(model, spec, image: np.ndarray, device, batch: int = default("predict.batch_size"), amp: bool = True, tta: bool = False) -> AOutput:
     n, size = image.shape[0], image.shape[-1]
     s = spec["input_size"]
     probs16 = np.zeros((n, spec["classes"], s, s), np.float16)
@@ -109,7 +110,7 @@ def combine(a_probs: torch.Tensor, codes: np.ndarray, b_probs: torch.Tensor | No
     return out
 
 
-def cascade_batches(image, a: AOutput, codes, region, model_b, spec_b, device, batch: int = 16, amp: bool = True,
+def cascade_batches(image, a: AOutput, codes, region, model_b, spec_b, device, batch: int = default("predict.batch_size"), amp: bool = True,
                     tta: bool = False):
     """Yield (slice indices, final probabilities (n, K, S, S) on the stored grid) in batches."""
     n, size = image.shape[0], image.shape[-1]
@@ -171,7 +172,7 @@ class ValCase:
 
 
 def prepare_val_case(path, models: dict, threshold: float, margin: int, z_margin: int, patch: int, gates,
-                     device, amp: bool = True, a_tta: bool = False, batch: int = 16) -> ValCase:
+                     device, amp: bool = True, a_tta: bool = False, batch: int = default("predict.batch_size")) -> ValCase:
     """Run A and the classifier once on a validation case (``models``: role -> (model, spec))."""
     import h5py
 
@@ -194,7 +195,7 @@ def prepare_val_case(path, models: dict, threshold: float, margin: int, z_margin
     return ValCase(str(path), b_slices, region, base)
 
 
-def b_counts(vc: ValCase, model_b, spec_b, device, amp: bool = True, tta: bool = False, batch: int = 16) -> np.ndarray:
+def b_counts(vc: ValCase, model_b, spec_b, device, amp: bool = True, tta: bool = False, batch: int = default("predict.batch_size")) -> np.ndarray:
     """Pooled counts of B's labels on the slices the cascade sends to B (background outside B's region)."""
     import h5py
 

@@ -99,7 +99,7 @@ def _cmd_train(a):
     needs = {r: p[-1] for r, p in _grouped(a.needs, "role", ROLES).items()}
     outputs = {"model": a.out_model, "spec": a.out_spec, "log": a.out_log, "curves": a.out_curves}
     train(a.role, a.train, a.val, _config_json(a.config_json), outputs, a.checkpoint_dir, threads=a.threads,
-          needs=needs)
+          needs=needs, device=a.device, workers=a.workers)
 
 
 def _cmd_predict_case(a):
@@ -119,7 +119,7 @@ def _cmd_postprocess(a):
 def _cmd_evaluate_case(a):
     from liverseg.evaluate import evaluate_case
 
-    evaluate_case(a.case, a.pred, a.ref, a.out)
+    evaluate_case(a.case, a.pred, a.ref, a.out, affine_tolerance=a.affine_tolerance)
 
 
 def _cmd_aggregate(a):
@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a trained model this role depends on, repeated (model_b: classifier and model_a)")
     s.add_argument("--checkpoint-dir", required=True, help="per-epoch checkpoint; a rerun resumes from here")
     s.add_argument("--threads", type=int, default=D("train.threads"))
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=D("train.device"))
+    s.add_argument("--workers", type=int, default=D("train.workers"), help="DataLoader worker processes")
     s.add_argument("--out-model", required=True, help="model.pt (its spec must be the .json beside it to load)")
     s.add_argument("--out-spec", required=True, help="model.json")
     s.add_argument("--out-log", required=True, help="per-epoch CSV")
@@ -267,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--case", required=True)
     s.add_argument("--pred", required=True)
     s.add_argument("--ref", required=True)
+    s.add_argument("--affine-tolerance", type=float, default=D("ingest.affine_tolerance"),
+                   help="largest allowed difference between prediction and reference affines (as at ingest)")
     s.add_argument("out")
     s.set_defaults(func=_cmd_evaluate_case)
 

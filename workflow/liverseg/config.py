@@ -102,10 +102,19 @@ def training_view(cfg: dict, role: str) -> dict:
     data was made with, the shared training keys, the role's own section and, for a role validated through the
     cascade, the gate.  The workflow's train rule passes exactly this (so an edit elsewhere reruns nothing) and
     the resume key hashes exactly this."""
-    train = {k: v for k, v in cfg["train"].items() if k not in ROLES and k not in EXECUTION_ONLY["train"]}
+    r = ROLES[role]
+    unread = set(EXECUTION_ONLY["train"])
+    if r["validator"] != "slice_sensitivity":
+        unread.add("min_sensitivity")
+    if r["loss"] != "ce_dice":
+        unread |= {"ce_weight", "dice_weight"}
+    train = {k: v for k, v in cfg["train"].items() if k not in ROLES and k not in unread}
     train[role] = cfg["train"][role]
-    out = {"window": cfg["window"], "train": train,
-           "slices": {k: v for k, v in cfg["slices"].items() if k not in EXECUTION_ONLY["slices"]}}
-    if ROLES[role]["validator"] == "cascade":
+    slices = {k: v for k, v in cfg["slices"].items() if k not in EXECUTION_ONLY["slices"]}
+    if r["kind"] == "unet3d":  # 3D patches: no 2.5D context, intensity jitter only
+        slices.pop("context")
+        train["augment"] = {"intensity": cfg["train"]["augment"]["intensity"]}
+    out = {"window": cfg["window"], "train": train, "slices": slices}
+    if r["validator"] == "cascade":
         out["predict"] = {"gate": cfg["predict"]["gate"]}
     return out

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from liverseg.config import default
 from liverseg.geometry import context_indices, patch_grid
 from liverseg.models import autocast
 
@@ -92,7 +93,7 @@ def _probs(model, x: torch.Tensor, device, amp: bool, transforms=((False, 1.0),)
 
 
 @torch.inference_mode()
-def slice_probs(model, spec: dict, image: np.ndarray, zs: list[int], device: torch.device, batch: int = 16,
+def slice_probs(model, spec: dict, image: np.ndarray, zs: list[int], device: torch.device, batch: int = default("predict.batch_size"),
                 amp: bool = True, tta: bool = False, out_size: int | None = None
                 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Whole-slice model (A): yield (slice indices, probabilities (n, K, s, s)) with s = ``out_size`` (default:
@@ -120,7 +121,7 @@ def _gaussian(patch: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def tile_probs(model, spec: dict, image: np.ndarray, zs: list[int], region, device: torch.device,
-               batch: int = 16, amp: bool = True, tta: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
+               batch: int = default("predict.batch_size"), amp: bool = True, tta: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Fixed-scale crop model (B): yield (slice indices, probabilities (n, K, h, w)) over ``region`` (r0, r1, c0, c1)
     of the stored grid, from ``patch`` x ``patch`` tiles at stride patch / 2 with Gaussian weights.  The stored
     grid is never rescaled, so B sees every case at the same pixel scale whatever the liver's size."""

@@ -203,12 +203,15 @@ class Ensemble(nn.Module):
 
 
 # What members of an ensemble must share: they read the same inputs and give the same outputs.
-ENSEMBLE_KEYS = ("kind", "classes", "context", "input_size", "slice_size", "window", "patch_size", "seq_len", "patch")
+ENSEMBLE_KEYS = ("kind", "classes", "context", "input_size", "slice_size", "window", "patch_size", "seq_len", "patch",
+                 "crop_margin", "z_margin", "augment")
 
 
 def load_ensemble(paths: list, device="cpu") -> tuple[nn.Module, dict]:
-    """One model file, or several of one role averaged (``Ensemble``).  The spec is the first member's, with the
-    classifier threshold averaged over members and ``ensemble`` listing the files."""
+    """One model file, or several of one role averaged (``Ensemble``).  The spec is the first member's (so is
+    its ``selection`` of TTA and gate), with the classifier threshold averaged over members and ``ensemble``
+    listing the files.  The averaged threshold was not itself chosen on validation: the members' sensitivity
+    guarantee (train.min_sensitivity) does not carry over exactly."""
     loaded = [load(p, device=device) for p in paths]
     if len(loaded) == 1:
         return loaded[0]

@@ -23,7 +23,7 @@ from liverseg.io import atomic_path, load_nifti, read_labels
 log = logging.getLogger(__name__)
 
 
-def largest_component(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
+def largest_component(mask: np.ndarray, connectivity: int = default("postprocess.connectivity")) -> np.ndarray:
     """Boolean mask of the largest connected component of ``mask`` (empty in, empty out)."""
     out = np.zeros(mask.shape, bool)
     box = bbox(mask)
@@ -34,7 +34,7 @@ def largest_component(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
     return out
 
 
-def postprocess_labels(labels: np.ndarray, spacing=(1.0, 1.0, 1.0), connectivity: int = 26,
+def postprocess_labels(labels: np.ndarray, spacing=(1.0, 1.0, 1.0), connectivity: int = default("postprocess.connectivity"),
                        min_lesion_mm3: float = 0.0, fill_holes: bool = False) -> np.ndarray:
     """LiTS labels in (0 bg, 1 liver, 2 tumour), same out; see the module docstring."""
     liver = largest_component(labels >= 1, connectivity)

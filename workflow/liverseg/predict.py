@@ -214,8 +214,6 @@ def predict_path(in_path, out_path, model_dir, **kw) -> list[dict]:
         out = out / f"{_scan_id(src)}.nii.gz"
     elif not out.name.endswith((".nii", ".nii.gz")):
         raise CaseError(_scan_id(src), f"output {out} is neither an existing folder nor a .nii/.nii.gz file")
-    elif not out.parent.is_dir():
-        raise CaseError(_scan_id(src), f"the folder of output {out} does not exist")
     return [predict_scan(src, out, model_dir, **kw)]
 
 

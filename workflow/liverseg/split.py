@@ -33,7 +33,7 @@ def make_split(
     failed: dict[str, str] | None = None,
 ) -> dict:
     if not 0 <= fold < max(folds, 1):
-        raise ValueError(f"split.fold={fold} must be in [0, {folds})")
+        raise ConfigError(f"invalid config value at 'split.fold': {fold} must be in [0, {folds}) (split.folds)")
     ids = sorted(set(labelled))
     rng = np.random.default_rng(seed)
     order = [ids[i] for i in rng.permutation(len(ids))]
@@ -45,7 +45,7 @@ def make_split(
     test, rest = order[:n_test], order[n_test:]
     if folds > 1:
         if len(rest) < folds:
-            raise ValueError(f"{len(rest)} non-test cases cannot make {folds} folds")
+            raise ConfigError(f"invalid config value at 'split.folds': {len(rest)} non-test cases cannot make {folds} folds")
         val = sorted(rest[fold::folds])
     else:
         n_val = int(math.floor(len(rest) * val_fraction + 0.5))

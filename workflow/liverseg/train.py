@@ -46,7 +46,7 @@ from liverseg.data import (LiverPatchDataset, PatchDataset, SequenceDataset, Sli
 from liverseg.geometry import patch_grid
 from liverseg.inference import classify, resize_probs_to_slices, segment_sequences, slice_probs, sliding_window_3d
 from liverseg.inference import tta_transforms
-from liverseg.config import training_view
+from liverseg.config import default, training_view
 from liverseg.io import atomic_path, content_sha256
 from liverseg.roles import GATES, ROLES
 
@@ -63,13 +63,6 @@ def resume_key(cfg: dict, role: str, train_cases: list, val_cases: list, needs: 
         "package_version": __version__,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def outputs_in(folder) -> dict[str, Path]:
-    """The standard output files of a training in one folder (what the workflow's train rule lists)."""
-    folder = Path(folder)
-    return {"model": folder / "model.pt", "spec": folder / "model.json", "log": folder / "log.csv",
-            "curves": folder / "curves.png"}
 
 
 def _mm_per_pixel(cases, input_size: int | None) -> dict:
@@ -137,7 +130,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     return 1 - ((2 * inter + eps) / (denom + eps)).mean()
 
 
-def sensitivity_threshold(scores: np.ndarray, truth: np.ndarray, min_sensitivity: float = 0.99
+def sensitivity_threshold(scores: np.ndarray, truth: np.ndarray, min_sensitivity: float = default("train.min_sensitivity")
                           ) -> tuple[float, float]:
     """The highest threshold whose slice sensitivity is >= ``min_sensitivity``, and the balanced accuracy there.
 
@@ -361,11 +354,14 @@ def _prepare_cascade_validation(cfg, spec, val_cases, models, device, amp) -> di
 
 
 def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, checkpoint_dir,
-          threads: int = 1, needs: dict[str, str] | None = None) -> dict:
+          threads: int = default("train.threads"), needs: dict[str, str] | None = None,
+          device: str = default("train.device"), workers: int = default("train.workers")) -> dict:
     """Train one model on the preprocessed cases ``train_h5``, choose its epoch on ``val_h5``; write
     ``outputs["model"]`` (weights), ``["spec"]`` (model.json), ``["log"]`` (CSV) and ``["curves"]`` (PNG).
 
-    ``needs``: role -> model.pt of the trained models this role depends on (liverseg.roles, column ``needs``)."""
+    ``needs``: role -> model.pt of the trained models this role depends on (liverseg.roles, column ``needs``).
+    ``threads``, ``device``, ``workers``: how the job runs, passed apart from ``cfg`` (config.training_view leaves
+    them out, so changing them retrains nothing)."""
     if role not in ROLES:
         raise ValueError(f"unknown model role {role!r}")
     missing = sorted({r for r in ROLES[role]["needs"]} - set(needs or {}))
@@ -376,7 +372,7 @@ def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, che
         raise ConfigError(f"{role}: input file(s) not found: {', '.join(absent[:5])}")
     tc, m = cfg["train"], cfg["train"][role]
     torch.set_num_threads(max(1, threads))
-    device = M.resolve_device(tc["device"])
+    device = M.resolve_device(device)
     amp = bool(tc["amp"]) and device.type == "cuda"
     seed = int(tc["seed"])
     checkpoint_dir = Path(checkpoint_dir)
@@ -414,7 +410,10 @@ def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, che
         del models
 
     torch.manual_seed(seed)
-    model = M.build(spec).to(device)
+    try:
+        model = M.build(spec).to(device)
+    except KeyError as exc:  # smp's answer to an unknown encoder name
+        raise ConfigError(f"invalid config value at 'train.{role}.encoder': {str(exc)[:160].strip(chr(34))}") from None
     opt = torch.optim.AdamW(model.parameters(), lr=m["lr"], weight_decay=tc["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=m["epochs"], eta_min=m["lr"] * 0.02)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported())
@@ -446,7 +445,7 @@ def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, che
         gen = torch.Generator().manual_seed(seed * 100003 + epoch)
         draws = epoch_draws(groups, fracs, m["samples_per_epoch"], seed, epoch)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=m["batch_size"], sampler=draws, num_workers=tc["workers"], drop_last=True,
+            dataset, batch_size=m["batch_size"], sampler=draws, num_workers=workers, drop_last=True,
             persistent_workers=False,
         )
         model.train()

@@ -97,11 +97,17 @@ def model_file(role):
     return f"{R}/train/{role}/model.pt"
 
 
+def model_spec(role):
+    """The JSON spec beside model.pt (models.load reads it from there): an input wherever the model is."""
+    return f"{R}/train/{role}/model.json"
+
+
 def train_inputs(wildcards):
     """The role's training and validation cases, and the trained models it needs (liverseg.roles)."""
     sp = split_data()
     return {"train": [h5(c) for c in sp["train"]], "val": [h5(c) for c in sp["val"]],
-            "needs": [model_file(r) for r in ROLES[wildcards.role]["needs"]]}
+            "needs": [model_file(r) for r in ROLES[wildcards.role]["needs"]],
+            "need_specs": [model_spec(r) for r in ROLES[wildcards.role]["needs"]]}
 
 
 def test_cases():
@@ -170,6 +176,10 @@ def predict_mode(wildcards):
 
 def models_for(wildcards):
     return [model_file(r) for r in MODES[predict_mode(wildcards)]]
+
+
+def specs_for(wildcards):
+    return [model_spec(r) for r in MODES[predict_mode(wildcards)]]
 
 
 def stage_prediction(wildcards):

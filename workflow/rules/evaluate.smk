@@ -6,6 +6,8 @@ rule evaluate_case:
         f"{R}/evaluate/{{experiment}}/{{stage}}/cases/{{case}}.tsv",
     log:
         f"{R}/logs/evaluate/{{experiment}}/{{stage}}/{{case}}.log",
+    params:
+        tol=config["ingest"]["affine_tolerance"],
     resources:
         mem_mb=4000,
         runtime=20,
@@ -14,6 +16,7 @@ rule evaluate_case:
         "../../envs/imaging.yaml"
     shell:
         "python -m liverseg evaluate-case --case {wildcards.case:q} --pred {input.pred:q} --ref {input.ref:q}"
+        " --affine-tolerance {params.tol}"
         " {output:q} > {log:q} 2>&1"
 
 

@@ -2,6 +2,7 @@ rule predict:
     input:
         h5=lambda wc: h5(wc.case),
         models=models_for,
+        specs=specs_for,
     output:
         seg=f"{R}/predict/{{experiment}}/{{case}}.nii.gz",
         scores=f"{R}/predict/{{experiment}}/{{case}}_slices.tsv",
@@ -11,13 +12,15 @@ rule predict:
         predict_benchmark("{experiment}", "{case}")
     params:
         mode=predict_mode,
-        device=config["predict"]["device"],
-        tta=str(config["predict"]["tta"]).lower(),
-        gate=config["predict"]["gate"],
-        batch=config["predict"]["batch_size"],
+        # Only what this experiment's mode reads: the gate is the cascade's, TTA the 2D models'.
+        tta=lambda wc: str(config["predict"]["tta"]).lower() if predict_mode(wc) in ("cascade", "model_a") else "auto",
+        gate=lambda wc: config["predict"]["gate"] if predict_mode(wc) == "cascade" else "auto",
         models=lambda wc, input: role_options("--model", MODES[predict_mode(wc)], input.models),
     threads: config["predict"]["threads"]
     resources:
+        # How the job runs: not rerun triggers.
+        predict_device=config["predict"]["device"],
+        predict_batch=config["predict"]["batch_size"],
         mem_mb=8000,
         runtime=60,
         **gpu_resources("predict"),
@@ -25,6 +28,6 @@ rule predict:
         "../../envs/torch.yaml"
     shell:
         "python -m liverseg predict-case --case {wildcards.case:q} --h5 {input.h5:q} {params.models}"
-        " --mode {params.mode} --device {params.device} --tta {params.tta} --gate {params.gate} --batch {params.batch}"
-        " --threads {threads}"
+        " --mode {params.mode} --device {resources.predict_device} --tta {params.tta} --gate {params.gate}"
+        " --batch {resources.predict_batch} --threads {threads}"
         " --scores {output.scores:q} {output.seg:q} > {log:q} 2>&1"

@@ -2,8 +2,8 @@ rule train:
     input:
         unpack(train_inputs),
     output:
-        model=f"{R}/train/{{role}}/model.pt",
-        spec=f"{R}/train/{{role}}/model.json",
+        model=model_file("{role}"),
+        spec=model_spec("{role}"),
         log_csv=f"{R}/train/{{role}}/log.csv",
         curves=report(f"{R}/train/{{role}}/curves.png", category="Training", caption="../report/curves.rst"),
     log:
@@ -19,6 +19,9 @@ rule train:
         needs=lambda wc, input: role_options("--needs", ROLES[wc.role]["needs"], getattr(input, "needs", [])),
     threads: config["train"]["threads"]
     resources:
+        # How the job runs, not what it learns: resources are not rerun triggers (config.EXECUTION_ONLY).
+        train_device=config["train"]["device"],
+        loader_workers=config["train"]["workers"],
         mem_mb=lambda wc: ROLES[wc.role]["mem_mb"],
         runtime=lambda wc: ROLES[wc.role]["runtime"],
         **gpu_resources("train"),
@@ -27,5 +30,5 @@ rule train:
     shell:
         "python -m liverseg train --role {wildcards.role} --config-json {params.cfg:q}"
         " --train {input.train:q} --val {input.val:q} {params.needs} --checkpoint-dir {params.ckpt:q}"
-        " --threads {threads} --out-model {output.model:q} --out-spec {output.spec:q} --out-log {output.log_csv:q}"
+        " --threads {threads} --device {resources.train_device} --workers {resources.loader_workers} --out-model {output.model:q} --out-spec {output.spec:q} --out-log {output.log_csv:q}"
         " --out-curves {output.curves:q} > {log:q} 2>&1"
