@@ -52,9 +52,10 @@ def validate(cfg: dict) -> dict:
         e = errors[0]
         key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
         raise ConfigError(f"invalid config value at '{key}': {e.message}")
-    unknown = [e for e in cfg["experiments"] if e not in EXPERIMENTS]
-    if unknown:
-        raise ConfigError(f"invalid config value at 'experiments': unknown {unknown}; known: {list(EXPERIMENTS)}")
+    for i, e in enumerate(cfg["experiments"]):
+        if e not in EXPERIMENTS:
+            raise ConfigError(f"invalid config value at 'experiments.{i}': unknown experiment {e!r}; known: "
+                              f"{list(EXPERIMENTS)} (liverseg.roles.EXPERIMENTS)")
     return cfg
 
 
