@@ -92,3 +92,21 @@ def test_samplesheet_columns_follow_the_schema(tmp_path):
     (tmp_path / "ok.tsv").write_text("case_id\timage\tlabel\n1\ta.nii\t\n2\tb.nii\tc.nii\n")
     found = read_samplesheet(tmp_path / "ok.tsv")
     assert [c.labelled for c in found.cases] == [False, True]
+
+
+def test_competition_root_as_downloaded(tmp_path):
+    """aio2025liverseg: train/volume + train/segmentation labelled, test/ predict-only (any LiTS naming)."""
+    for i in (0, 7):
+        for kind, sub in (("volume", "train/volume"), ("segmentation", "train/segmentation")):
+            (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+            (tmp_path / sub / f"{kind}-{i}.nii").write_bytes(b"")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "volume-80.nii").write_bytes(b"")
+    (tmp_path / "test" / "test-volume-081.nii").write_bytes(b"")
+    (tmp_path / "sample_submission.csv").write_text("id,rle\n")
+    found = discover_directory(tmp_path)
+    assert [(c.case_id, c.labelled) for c in found.cases] == [("0", True), ("7", True), ("80", False), ("81", False)]
+    assert found.rejected == []
+    (tmp_path / "test" / "volume-7.nii").write_bytes(b"")  # a test volume reusing a training number
+    found = discover_directory(tmp_path)
+    assert "7" not in [c.case_id for c in found.cases] and found.rejected[0][0] == "7"

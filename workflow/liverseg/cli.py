@@ -140,7 +140,7 @@ def _cmd_predict(a):
 def _cmd_kaggle(a):
     from liverseg.kaggle import write_submission
 
-    write_submission(dict(_pairs(a.predictions, "CASE")), a.out)
+    write_submission(dict(_pairs(a.predictions, "CASE")), a.out, sample=a.sample)
 
 
 def _cmd_overlay(a):
@@ -296,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("kaggle", help="Kaggle aio2025liverseg submission.csv (id,rle) from label NIfTI files")
     s.add_argument("--out", required=True)
+    s.add_argument("--sample", help="the competition's sample_submission.csv: follow its ids and row order")
     s.add_argument("predictions", nargs="*", metavar="CASE=NIFTI")
     s.set_defaults(func=_cmd_kaggle)
 

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 SLAB = 32  # slices checked at once: bounds the float working memory whatever the volume size
 
 CASE_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-_LITS_RE = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
 _NII_RE = re.compile(r"^(?P<stem>.+?)(_0000)?\.nii(\.gz)?$")
 
 
@@ -69,22 +68,39 @@ def _visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p.is_file() or p.is_symlink()))
 
 
+# LiTS-named files: the image and label of case N; in a competition's test folder "test-volume-N" also occurs.
+_LITS_RE = re.compile(r"^(?:test-)?(volume|segmentation)-(\d+)\.nii(\.gz)?$")
+_SUBFOLDERS = ("volume", "volumes", "segmentation", "segmentations")
+
+
+def _lits_folders(base: Path) -> list[Path]:
+    return [base] + [base / d for d in _SUBFOLDERS if (base / d).is_dir()]
+
+
 def discover_directory(root: str | Path) -> Discovery:
-    """LiTS/Kaggle naming (one folder, or volume/ + segmentation/) or the Decathlon layout (imagesTr, labelsTr, imagesTs)."""
+    """LiTS/Kaggle naming or the Decathlon layout (imagesTr, labelsTr, imagesTs).
+
+    LiTS/Kaggle: labelled cases from ``root`` itself, ``volume/`` + ``segmentation/``, or the competition's
+    ``train/`` (flat, or ``train/volume`` + ``train/segmentation``); predict-only cases (the volumes a submission
+    needs) from ``test/`` (flat or ``test/volume``); a Decathlon tree's ``imagesTs/`` likewise.  A volume without a label anywhere is
+    predict-only too.  The case id is the integer in the file name (``volume-070`` is case 70)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset directory does not exist: {root}")
     if (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
         return _discover_msd(root)
-    folders = [root] + [root / d for d in ("volume", "volumes", "segmentation", "segmentations") if (root / d).is_dir()]
+    labelled = _lits_folders(root) + (_lits_folders(root / "train") if (root / "train").is_dir() else [])
+    unlabelled = _lits_folders(root / "test") if (root / "test").is_dir() else []
     images: dict[str, list[Path]] = {}
     labels: dict[str, list[Path]] = {}
-    for folder in folders:
+    for folder in labelled + unlabelled:
         for p in _visible_files(folder):
             m = _LITS_RE.match(p.name)
             if not m:
                 continue
             cid = str(int(m.group(2)))  # "volume-070" and "volume-70" are the same LiTS case
+            if m.group(1) == "segmentation" and folder in unlabelled:
+                continue  # a test folder's labels are not the training data's
             (images if m.group(1) == "volume" else labels).setdefault(cid, []).append(p)
     found: dict[str, list[Case]] = {}
     rejected: list[tuple[str, str]] = []

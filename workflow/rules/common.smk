@@ -196,6 +196,21 @@ def kaggle_experiment():
     return config["kaggle"]["experiment"] or config["experiments"][-1]
 
 
+def kaggle_sample():
+    """The competition's sample_submission.csv ("" when there is none): `auto` finds it in dataset.directory."""
+    k = config["kaggle"]["sample_submission"]
+    if k == "auto":
+        d = config["dataset"]["directory"]
+        k = os.path.join(d, "sample_submission.csv") if config["dataset"]["source"] == "directory" and d else ""
+        return k if k and os.path.isfile(k) else ""
+    return k
+
+
+def split_test_fraction():
+    """kaggle.train_on_all: the submission's models use every labelled case (no held-out test cases)."""
+    return 0.0 if config["kaggle"]["train_on_all"] else config["split"]["test_fraction"]
+
+
 def predict_benchmark(experiment, case):
     """Snakemake's timing file of one prediction job (the summary's inference seconds per case)."""
     return f"{R}/benchmarks/predict/{experiment}/{case}.tsv"

@@ -8,7 +8,7 @@ checkpoint split:
         f"{R}/logs/split/split.log",
     params:
         seed=config["split"]["seed"],
-        test=config["split"]["test_fraction"],
+        test=split_test_fraction(),
         val=config["split"]["val_fraction"],
         folds=config["split"]["folds"],
         fold=config["split"]["fold"],
