@@ -109,6 +109,8 @@ def test_a_sample_id_without_prediction_is_one_line(competition):
     log = (wd / "results/logs/kaggle/submission.log").read_text().strip().splitlines()
     assert log[-1].startswith("liverseg kaggle: error: sample submission id cell_82_0 has no prediction: volume 82"), log
     assert not (wd / "results/kaggle/submission.csv").exists()  # a failed export leaves nothing that looks finished
+    r = _snakemake(wd, "kaggle")  # the sample restored: only the export reruns, and the others tests' file is back
+    assert r.returncode == 0 and (wd / "results/kaggle/submission.csv").exists(), r.stderr[-2000:]
 
 
 def test_without_a_sample_ids_follow_the_volume_number(competition, tmp_path):

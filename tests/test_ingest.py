@@ -108,5 +108,26 @@ def test_competition_root_as_downloaded(tmp_path):
     assert [(c.case_id, c.labelled) for c in found.cases] == [("0", True), ("7", True), ("80", False), ("81", False)]
     assert found.rejected == []
     (tmp_path / "test" / "volume-7.nii").write_bytes(b"")  # a test volume reusing a training number
+    (tmp_path / "test" / "segmentation-80.nii").write_bytes(b"")  # a label inside test/ is not training data
     found = discover_directory(tmp_path)
-    assert "7" not in [c.case_id for c in found.cases] and found.rejected[0][0] == "7"
+    assert [(c.case_id, c.labelled) for c in found.cases] == [("0", True), ("7", True), ("80", False), ("81", False)]
+    assert [r[0] for r in found.rejected] == ["test-7"]
+
+
+def test_lits_test_volumes_never_take_training_numbers_or_labels(tmp_path):
+    """LiTS numbers its test set 0-69, like its training set: test-volume-N beside the training files is ignored,
+    and a test volume never pairs with a training label of the same number."""
+    for name in ("volume-0.nii", "segmentation-0.nii", "volume-1.nii", "segmentation-1.nii", "test-volume-0.nii",
+                 "test-volume-1.nii"):
+        (tmp_path / name).write_bytes(b"")
+    found = discover_directory(tmp_path)
+    assert [(c.case_id, c.labelled) for c in found.cases] == [("0", True), ("1", True)] and not found.rejected
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    for name in ("volume-0.nii", "segmentation-0.nii"):
+        (tmp_path / name).rename(tmp_path / "train" / name)
+    (tmp_path / "train" / "segmentation-80.nii").write_bytes(b"")  # a stray training label numbered like a test volume
+    (tmp_path / "test" / "volume-80.nii").write_bytes(b"")
+    found = discover_directory(tmp_path)
+    cases = {c.case_id: c for c in found.cases}
+    assert not cases["80"].labelled and cases["0"].labelled

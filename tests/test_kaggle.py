@@ -117,3 +117,33 @@ def test_submission_ids_order_and_masks_follow_the_stored_grid(tmp_path):
         assert np.array_equal(competition_decode(rle, arr.shape[0], arr.shape[1]), arr[:, :, int(z)] > 0), rid
         if z == "0":
             assert rle == "1 0"
+
+
+def test_sample_submission_order_bom_and_refusals(tmp_path):
+    """With a sample: its ids and order exactly (a BOM from a spreadsheet is fine); an id without a prediction, a
+    malformed id or an empty sample is one ConfigError, and no file is left behind."""
+    import nibabel as nib
+
+    from liverseg.errors import ConfigError
+    from liverseg.kaggle import write_submission
+
+    vols = {}
+    for v in ("9", "10"):
+        lab = np.zeros((3, 2, 2), np.uint8)
+        lab[1, 0, 1] = int(v) % 3 + 1
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / f"{v}.nii.gz"))
+        vols[v] = str(tmp_path / f"{v}.nii.gz")
+    sample = tmp_path / "sample.csv"
+    sample.write_text("\ufeffid,rle\ncell_10_1,1 0\ncell_9_0,1 0\ncell_10_0,1 0\ncell_9_1,1 0\n", encoding="utf-8")
+    assert write_submission(vols, tmp_path / "s.csv", sample=sample) == 4
+    rows = (tmp_path / "s.csv").read_text().splitlines()
+    assert rows == ["id,rle", "cell_10_1,2 1", "cell_9_0,1 0", "cell_10_0,1 0", "cell_9_1,2 1"]
+    for text, msg in (("id,rle\ncell_11_0,1 0\n", "cell_11_0 has no prediction: volume 11 was not predicted"),
+                      ("id,rle\ncell_9_5,1 0\n", "cell_9_5 has no prediction: volume 9 has 2 slices"),
+                      ("id,rle\nrow_9_0,1 0\n", "is not cell_<volume>_<slice>"),
+                      ("id,rle\ncell_9_\u00b2,1 0\n", "is not cell_<volume>_<slice>"),
+                      ("id,rle\n", "lists no ids"), ("name,rle\nx,1 0\n", "has no 'id' column")):
+        sample.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=msg):
+            write_submission(vols, tmp_path / "bad.csv", sample=sample)
+        assert not (tmp_path / "bad.csv").exists()

@@ -52,6 +52,9 @@ def validate(cfg: dict) -> dict:
         e = errors[0]
         key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
         raise ConfigError(f"invalid config value at '{key}': {e.message}")
+    if cfg["kaggle"]["train_on_all"] and cfg["kaggle"]["cases"] == "test":
+        raise ConfigError("invalid config value at 'kaggle.cases': 'test' exports the held-out test cases, and "
+                          "kaggle.train_on_all leaves none; use kaggle.cases: predict")
     for i, e in enumerate(cfg["experiments"]):
         if e not in EXPERIMENTS:
             raise ConfigError(f"invalid config value at 'experiments.{i}': unknown experiment {e!r}; known: "

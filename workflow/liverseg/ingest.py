@@ -68,8 +68,9 @@ def _visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p.is_file() or p.is_symlink()))
 
 
-# LiTS-named files: the image and label of case N; in a competition's test folder "test-volume-N" also occurs.
-_LITS_RE = re.compile(r"^(?:test-)?(volume|segmentation)-(\d+)\.nii(\.gz)?$")
+# LiTS-named files: the image and label of case N.  "test-volume-N" is a test volume: used only inside a test
+# folder (LiTS itself numbers its test set 0-69, overlapping the training numbers, so elsewhere it is ignored).
+_LITS_RE = re.compile(r"^(test-)?(volume|segmentation)-(\d+)\.nii(\.gz)?$")
 _SUBFOLDERS = ("volume", "volumes", "segmentation", "segmentations")
 
 
@@ -93,17 +94,23 @@ def discover_directory(root: str | Path) -> Discovery:
     unlabelled = _lits_folders(root / "test") if (root / "test").is_dir() else []
     images: dict[str, list[Path]] = {}
     labels: dict[str, list[Path]] = {}
+    tests: dict[str, list[Path]] = {}
     for folder in labelled + unlabelled:
+        in_test = folder in unlabelled
         for p in _visible_files(folder):
             m = _LITS_RE.match(p.name)
-            if not m:
-                continue
-            cid = str(int(m.group(2)))  # "volume-070" and "volume-70" are the same LiTS case
-            if m.group(1) == "segmentation" and folder in unlabelled:
-                continue  # a test folder's labels are not the training data's
-            (images if m.group(1) == "volume" else labels).setdefault(cid, []).append(p)
+            if not m or (m.group(1) and not in_test) or (in_test and m.group(2) == "segmentation"):
+                continue  # test volumes outside a test folder, labels inside one: not training data
+            cid = str(int(m.group(3)))  # "volume-070" and "volume-70" are the same LiTS case
+            (tests if in_test else images if m.group(2) == "volume" else labels).setdefault(cid, []).append(p)
     found: dict[str, list[Case]] = {}
     rejected: list[tuple[str, str]] = []
+    for cid, paths in tests.items():
+        if cid in images:  # the labelled case keeps its number; the test volume is left out
+            rejected.append((f"test-{cid}", f"test volume {paths[0]} reuses the number of labelled case {cid}"))
+        else:
+            for p in paths:  # never paired with a label: a test volume is predict-only
+                found.setdefault(cid, []).append(Case(cid, str(p), None))
     for cid, paths in images.items():
         lab = labels.get(cid, [])
         if len(lab) > 1:

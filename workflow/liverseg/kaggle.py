@@ -43,7 +43,7 @@ def _volume_key(vol: str):
 
 def _parse_id(sample_id: str) -> tuple[str, int] | None:
     head, _, z = sample_id.rpartition("_")
-    if not head.startswith("cell_") or not z.isdigit():
+    if not head.startswith("cell_") or not (z.isascii() and z.isdigit()):
         return None
     return head[len("cell_"):], int(z)
 
@@ -58,11 +58,13 @@ def write_submission(predictions: dict[str, str], out_csv, sample=None) -> int:
         raise ConfigError("no predictions to export: the dataset has no predict-only cases (a competition's test "
                           "set); set kaggle.cases: test to export the labelled test cases instead")
     if sample:
-        with open(sample, newline="") as fh:
+        with open(sample, newline="", encoding="utf-8-sig") as fh:  # a spreadsheet may have added a BOM
             reader = csv.DictReader(fh)
             if "id" not in (reader.fieldnames or []):
                 raise ConfigError(f"sample submission {sample} has no 'id' column")
             ids = [r["id"] for r in reader]
+        if not ids:
+            raise ConfigError(f"sample submission {sample} lists no ids")
     else:
         ids = None
     n = 0
