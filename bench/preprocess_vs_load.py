@@ -1,7 +1,17 @@
 """Windowing + slice extraction of a LiTS-sized scan versus a plain nibabel load of the same file.
 
-Each measurement runs in a fresh subprocess so peak RSS (ru_maxrss) belongs to that step alone.
-Usage: python bench/preprocess_vs_load.py [--shape 512 512 400] [--size 512] [--repeats 3]
+The stage runs the way a config runs it: window, stored slice size and image compression come from ``--config``
+(default: the project's config.yaml). By default two stored sizes are measured side by side on the same file:
+  - the config's ``slices.size`` (128 in config.yaml and in the schema defaults): a 512 x 512 scan is resized,
+    which takes the resize path (torch is imported and every slab is interpolated, image and label);
+  - the scan's own matrix (512): no resizing, the setting config.yaml's comment gives for full-resolution LiTS.
+``--sizes`` picks the stored sizes explicitly (e.g. ``--sizes 512`` for the no-resize case alone);
+``--compression`` takes one or more image compressions (default: the config's ``slices.compression``), each
+measured at every size, and the size of the HDF5 file written is printed.
+Each measurement runs in a fresh subprocess, so peak RSS (VmHWM) belongs to that step alone; repeats are
+interleaved (load, stage at each size, load, ...) so machine load hits every step alike; the best time is kept.
+Usage: python bench/preprocess_vs_load.py [--config config.yaml] [--shape 512 512 400] [--sizes 128 512]
+       [--repeats 3] [--compression none lzf gzip]
 """
 
 import argparse
@@ -11,6 +21,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from liverseg import config as C
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Peak RSS is read from VmHWM: ru_maxrss of a child keeps the parent's high-water mark across fork+exec.
 HWM = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
@@ -30,9 +44,11 @@ from liverseg.preprocess import preprocess_case
 base = HWM
 t = time.perf_counter()
 preprocess_case("bench", sys.argv[1], sys.argv[3], label_path=sys.argv[2], size=int(sys.argv[4]),
-                compression=sys.argv[5])
+                compression=sys.argv[5], lower=float(sys.argv[6]), upper=float(sys.argv[7]), mode=sys.argv[8])
 dt = time.perf_counter() - t
-print(json.dumps({"s": dt, "rss_mb": HWM, "import_rss_mb": base}))
+import os
+print(json.dumps({"s": dt, "rss_mb": HWM, "import_rss_mb": base, "torch": "torch" in sys.modules,
+                  "h5_mb": os.path.getsize(sys.argv[3]) / 2**20}))
 """.replace("HWM", HWM)
 
 BASELINE_RSS = """
@@ -49,37 +65,56 @@ def run(code, *args):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(ROOT / "config.yaml"))
     ap.add_argument("--shape", type=int, nargs=3, default=[512, 512, 400])
-    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--sizes", type=int, nargs="+", default=None,
+                    help="stored slice sizes to measure (default: the config's slices.size, then the scan's matrix)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none")
+    ap.add_argument("--compression", choices=["none", "lzf", "gzip"], nargs="+", default=None,
+                    help="image compressions to measure (default: the config's slices.compression)")
     a = ap.parse_args()
+    cfg = C.load(a.config)
+    w = cfg["window"]
+    compressions = a.compression or [cfg["slices"]["compression"]]
+    sizes = a.sizes or list(dict.fromkeys([int(cfg["slices"]["size"]), a.shape[0]]))
+    steps = [(s, c) for s in sizes for c in compressions]
 
     with tempfile.TemporaryDirectory() as d:
         img, lab = Path(d) / "volume-0.nii.gz", Path(d) / "segmentation-0.nii.gz"
         t = time.perf_counter()
         # in a child process, so the phantom's working memory does not count towards the measured steps
         subprocess.run([sys.executable, "-c", "import sys; from liverseg.phantom import PhantomSpec, write_case; "
-                        "write_case(0, sys.argv[1], sys.argv[2], PhantomSpec(size=int(sys.argv[3]), slices=int(sys.argv[4])))",
+                        "write_case(0, sys.argv[1], sys.argv[2], "
+                        "PhantomSpec(size=int(sys.argv[3]), slices=int(sys.argv[4])))",
                         str(img), str(lab), str(a.shape[0]), str(a.shape[2])], check=True)
         print(f"phantom {a.shape} written in {time.perf_counter() - t:.1f} s ({img.stat().st_size / 1e6:.0f} MB gz)")
         vol_mb = a.shape[0] * a.shape[1] * a.shape[2] * 2 / 2**20
-        loads, stages = [], []
-        for _ in range(a.repeats):  # interleaved so machine load hits both alike
+        loads, stages = [], {k: [] for k in steps}
+        for _ in range(a.repeats):  # interleaved so machine load hits every step alike
             loads.append(run(LOAD, img))
-            stages.append(run(STAGE, img, lab, Path(d) / "out.h5", a.size, a.compression))
+            for s, c in steps:
+                stages[s, c].append(run(STAGE, img, lab, Path(d) / "out.h5", s, c, w["lower"], w["upper"], w["mode"]))
         imp = run(BASELINE_RSS)["rss_mb"]
-        load_s = min(r["s"] for r in loads)
-        stage_s = min(r["s"] for r in stages)
-        load_rss = max(r["rss_mb"] for r in loads)
-        stage_rss = max(r["rss_mb"] for r in stages)
-        stage_imports = max(r["import_rss_mb"] for r in stages)
-        print(f"int16 volume: {vol_mb:.0f} MiB; slices resized to {a.size}; image compression {a.compression}")
-        print(f"nibabel load:        {load_s:6.2f} s  peak RSS {load_rss:7.0f} MiB (interpreter+nibabel {imp:.0f} MiB)")
-        print(f"window + HDF5 stage: {stage_s:6.2f} s  peak RSS {stage_rss:7.0f} MiB (after imports {stage_imports:.0f} MiB)")
-        print(f"time ratio stage / load: {stage_s / load_s:.2f}x (goal <= 2x)")
-        print(f"peak memory of the stage above its imports / int16 volume: {(stage_rss - stage_imports) / vol_mb:.2f}x"
-              f" (goal <= 4x); whole process / volume: {stage_rss / vol_mb:.2f}x")
+    load_s = min(r["s"] for r in loads)
+    load_rss = max(r["rss_mb"] for r in loads)
+    print(f"config {a.config}: window {w['mode']} [{w['lower']}, {w['upper']}]; int16 volume {vol_mb:.0f} MiB; "
+          f"best of {a.repeats}")
+    print(f"nibabel load (image only):           {load_s:6.2f} s  peak RSS {load_rss:6.0f} MiB"
+          f" (interpreter+nibabel {imp:.0f} MiB)")
+    for s, c in steps:
+        rs = stages[s, c]
+        stage_s = min(r["s"] for r in rs)
+        stage_rss = max(r["rss_mb"] for r in rs)
+        stage_imports = max(r["import_rss_mb"] for r in rs)
+        path = (f"resize {a.shape[0]}x{a.shape[1]} -> {s}x{s}" if (a.shape[0], a.shape[1]) != (s, s)
+                else f"no resize (stored at {s}x{s})")
+        print(f"window + HDF5 stage, {path}, image compression {c}{' (torch imported)' if rs[0]['torch'] else ''}:")
+        print(f"  {stage_s:6.2f} s  peak RSS {stage_rss:6.0f} MiB (after imports {stage_imports:.0f} MiB); "
+              f"HDF5 file {rs[-1]['h5_mb']:.1f} MiB")
+        print(f"  time ratio stage / load: {stage_s / load_s:.2f}x (goal <= 2x)")
+        print(f"  peak memory of the stage above its imports / int16 volume: "
+              f"{(stage_rss - stage_imports) / vol_mb:.2f}x (goal <= 4x); whole process / volume: "
+              f"{stage_rss / vol_mb:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Training throughput (slices per second) of the three models as configured in a config file, on this machine.
-Usage: python bench/train_throughput.py [--config config.yaml] [--steps 6] [--device auto]
+Usage: python bench/train_throughput.py [--config config.yaml] [--steps 6] [--device auto] [--threads 2]
+       [--roles classifier model_a model_b] [--set KEY=VALUE ...]
+``--set`` overrides config keys (dotted path, YAML value), e.g.
+  --roles model_a --set train.model_a.encoder=resnet18 "train.model_a.decoder_channels=[256,128,64,32,16]"
 """
 
 import argparse
@@ -7,6 +10,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from liverseg import config as C
 from liverseg import models as M
@@ -46,16 +50,28 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--roles", nargs="+", default=["classifier", "model_a", "model_b"])
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides (dotted keys)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = C.load(a.config)
+    overrides = {}
+    for item in a.set:
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = overrides
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
+    cfg = C.load(a.config, overrides)
     dev = M.resolve_device(a.device)
-    print(f"device {dev}, {a.threads} threads, config {a.config}")
-    for role in ("classifier", "model_a", "model_b"):
+    print(f"device {dev}, {a.threads} threads, config {a.config}" + (f", overrides {a.set}" if a.set else ""))
+    for role in a.roles:
         spec = make_spec(cfg, role)
         m = cfg["train"][role]
         r = measure(spec, m["batch_size"], a.steps, dev, amp=dev.type == "cuda")
-        print(f"{role:10s} {spec['encoder']:14s} input {spec['input_size']:4d} batch {m['batch_size']:3d}: {r:8.1f} slices/s")
+        dec = "-".join(map(str, spec.get("decoder_channels", []))) or "-"
+        print(f"{role:10s} {spec['encoder']:14s} decoder {dec:18s} input {spec['input_size']:4d} "
+              f"channels {spec['in_channels']} batch {m['batch_size']:3d}: {r:8.1f} slices/s")
 
 
 if __name__ == "__main__":

@@ -122,8 +122,8 @@ def preprocess_case(
     cs = geom.canonical_spacing
 
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as h5:
-        # Image compression is optional: lzf saves ~3x disk on CT (air windows to exactly 0) but costs ~35% of the
-        # stage's time; labels are mostly zeros and always compress for free.
+        # Image compression is optional: lzf saves ~3x disk on CT (air windows to exactly 0) but costs about a
+        # quarter more of the stage's time at 512 (BENCHMARKS.md); labels are mostly zeros and compress for free.
         d_img = h5.create_dataset("image", (nz, size, size), dtype=np.float16, chunks=(1, size, size),
                                   compression=None if compression == "none" else compression)
         d_lab = None
