@@ -131,3 +131,20 @@ def test_lits_test_volumes_never_take_training_numbers_or_labels(tmp_path):
     found = discover_directory(tmp_path)
     cases = {c.case_id: c for c in found.cases}
     assert not cases["80"].labelled and cases["0"].labelled
+
+
+def test_an_unexpected_failure_is_a_verdict_not_a_crash(tmp_path, monkeypatch):
+    """A bug or an exotic file that raises something other than CaseError still records a verdict, so the split
+    (which waits for every verdict) goes on without the case."""
+    import json
+
+    import liverseg.ingest as ingest
+
+    def boom(*a, **k):
+        raise MemoryError("cannot allocate")
+
+    monkeypatch.setattr(ingest, "load_nifti", boom)
+    status = ingest.check_case("c9", tmp_path / "v.nii.gz", tmp_path / "c9.json")
+    assert status["ok"] is False and status["error"].startswith("case c9: unexpected error while reading it")
+    assert "MemoryError: cannot allocate" in status["error"]
+    assert json.loads((tmp_path / "c9.json").read_text()) == status

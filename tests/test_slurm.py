@@ -65,15 +65,17 @@ def submitted(log_text):
     return out
 
 
-def sacct(ids):
-    r = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,Partition,State", "-j", ",".join(ids)],
+def sacct(ids, fields=("Partition", "State")):
+    r = subprocess.run(["sacct", "-n", "-P", "-X", "-o", ",".join(("JobID",) + tuple(fields)), "-j", ",".join(ids)],
                        capture_output=True, text=True, check=True)
-    return {j: (p, s) for j, p, s in (line.split("|") for line in r.stdout.split())}
+    return {j: tuple(rest) for j, *rest in (line.split("|") for line in r.stdout.split())}
 
 
 def test_demo_dag_through_sbatch(slurm, tmp_path):
     # device auto: training and prediction ask SLURM for a GPU (the CI node's GPUs are fake; the jobs fall back to CPU)
-    cfg = {**TINY, "experiments": ["v2_unetpp_cca", "v4_cascade"], "train": {**TINY["train"], "device": "auto"},
+    # threads 2: a training job must get its threads (plus loader workers) as CPUs, not the profile's default
+    cfg = {**TINY, "experiments": ["v2_unetpp_cca", "v4_cascade"],
+           "train": {**TINY["train"], "device": "auto", "threads": 2, "workers": 0},
            "cluster": {"cpu_partition": "cpu", "gpu_partition": "gpu", "account": ""}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     r = run_on_slurm(tmp_path)
@@ -93,6 +95,9 @@ def test_demo_dag_through_sbatch(slurm, tmp_path):
     for jid, rule in jobs.items():
         expected = "gpu" if rule in ("train", "predict") else "cpu"
         assert states[jid][0] == expected, (rule, states[jid])
+    alloc = sacct([j for j, rule in jobs.items() if rule == "train"], ("AllocCPUS", "ReqMem"))
+    assert alloc and all(int(cpus) == 2 for cpus, _ in alloc.values()), alloc
+    assert {mem for _, mem in alloc.values()} == {"1500M"}, alloc  # the rule's mem_mb (set by run_on_slurm)
     res = tmp_path / "results"
     split = yaml.safe_load((res / "split" / "split.json").read_text())
     for exp in cfg["experiments"]:

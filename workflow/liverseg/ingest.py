@@ -280,6 +280,11 @@ def check_case(case: str, image_path, out_json, label_path=None, affine_toleranc
             status["warning"] = "label holds no liver"
     except CaseError as exc:
         status = {"case": case, "ok": False, "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - any failure reading one case is that case's verdict, not a crash
+        log.exception("case %s: unexpected error while checking", case)  # the traceback stays in the job's log
+        status = {"case": case, "ok": False,
+                  "error": f"case {case}: unexpected error while reading it ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else 'no message'})"}
     with atomic_path(out_json) as tmp:
         Path(tmp).write_text(json.dumps(status) + "\n")
     return status

@@ -155,8 +155,10 @@ def gpu_resources(section):
     def partition(kind):
         return slurm_resources(kind).get("slurm_partition", "")
 
+    # A GPU job's CPUs: its threads plus its data-loader worker processes (training), so loading keeps up.
+    workers = config["train"]["workers"] if section == "train" else 0
     res = {"gpu": lambda wc: int(uses_gpu(section)),
-           "cpus_per_gpu": lambda wc, threads: threads if uses_gpu(section) else 0}
+           "cpus_per_gpu": lambda wc, threads: threads + workers if uses_gpu(section) else 0}
     if config["cluster"]["gpu_partition"] or config["cluster"]["cpu_partition"]:
         res["slurm_partition"] = lambda wc: partition("gpu" if uses_gpu(section) else "cpu")
     if config["cluster"]["account"]:
