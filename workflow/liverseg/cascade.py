@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from liverseg.config import default
-from liverseg.geometry import bbox, grow, region_of, tile_region, z_range
+from liverseg.geometry import bbox, grow, paste, region_of, tile_region, z_range
 from liverseg.inference import slice_probs, tile_probs
 from liverseg.postprocess import largest_component
 
@@ -104,9 +104,9 @@ def combine(a_probs: torch.Tensor, codes: np.ndarray, b_probs: torch.Tensor | No
     out[torch.from_numpy(codes == BACKGROUND)] = bg
     use_b = np.flatnonzero(codes == USE_B)
     if use_b.size:
-        r0, r1, c0, c1 = region
-        out[use_b] = bg
-        out[use_b, :, r0:r1, c0:c1] = b_probs
+        b_slices = bg.expand(len(use_b), *bg.shape).clone()  # background outside B's region
+        paste(b_slices, b_probs, region)
+        out[use_b] = b_slices
     return out
 
 
