@@ -69,15 +69,18 @@ def tiny_config(**over):
 def tiny_dataset(tmp_path_factory):
     """Four small phantom cases preprocessed to HDF5 (32 x 32 slices) and a split: 2 train, 1 val, 1 test."""
     from liverseg.phantom import PhantomSpec, write_case
+    from liverseg.plan import spacing_to_fit
     from liverseg.preprocess import preprocess_case
 
     root = tmp_path_factory.mktemp("tiny")
     paths = {}
     for i in range(4):
-        img, lab = root / f"volume-{i}.nii.gz", root / f"segmentation-{i}.nii.gz"
-        write_case(100 + i, img, lab, PhantomSpec(size=48, slices=16))
+        write_case(100 + i, root / f"volume-{i}.nii.gz", root / f"segmentation-{i}.nii.gz", PhantomSpec(size=48, slices=16))
+    mm = spacing_to_fit([root / f"volume-{i}.nii.gz" for i in range(4)], 32)  # one grid for all, as a plan gives
+    for i in range(4):
         paths[str(i)] = str(root / f"{i}.h5")
-        preprocess_case(str(i), img, paths[str(i)], label_path=lab, size=32)
+        preprocess_case(str(i), root / f"volume-{i}.nii.gz", paths[str(i)], label_path=root / f"segmentation-{i}.nii.gz",
+                        size=32, spacing_mm=mm)
     split = {"train": ["0", "1"], "val": ["2"], "test": ["3"], "predict": [], "seed": 0, "folds": 1, "fold": 0}
     return root, paths, split
 

@@ -90,7 +90,7 @@ def stub_case(tmp_path):
 
 def _stub_models(monkeypatch, scores):
     window = {"mode": "fixed", "lower": -150.0, "upper": 250.0}
-    base = {"window": window, "slice_size": S, "context": 0, "classes": 3}
+    base = {"window": window, "slice_size": S, "spacing_mm": 1.0, "context": 0, "classes": 3}
     specs = {
         "model_a": (_StubA(), {**base, "input_size": S}),
         "classifier": (None, {**base, "input_size": S, "threshold": 0.5}),

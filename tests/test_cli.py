@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ROOT, write_nifti
 
-COMMANDS = ["phantom", "cases", "preprocess", "split", "train", "predict-case", "postprocess", "evaluate-case",
+COMMANDS = ["phantom", "cases", "preprocess", "plan", "split", "train", "predict-case", "postprocess", "evaluate-case",
             "aggregate", "overlay", "summarize"]
 
 
@@ -22,7 +22,7 @@ def test_help(cmd):
 
 def test_preprocess_bad_input_is_one_line(tmp_path):
     write_nifti(tmp_path / "v.nii.gz", np.zeros((4, 4), np.int16))
-    r = run("preprocess", "--case", "c7", "--image", str(tmp_path / "v.nii.gz"), str(tmp_path / "o.h5"))
+    r = run("preprocess", "--case", "c7", "--image", str(tmp_path / "v.nii.gz"), "--size", "16", str(tmp_path / "o.h5"))
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines == [f"liverseg preprocess: error: case c7: image {tmp_path / 'v.nii.gz'} has 2 dimensions (4, 4); a 3D volume is required"]
@@ -60,7 +60,7 @@ def test_cli_defaults_are_the_schema_defaults(monkeypatch):
     config.default("window.lower")  # fill the cache, then swap in other "schema" values
     fake = copy.deepcopy(config._DEFAULTS)
     fake["window"].update(lower=-77.0, upper=177.0, mode="study_v2")
-    fake["slices"].update(size=99, compression="gzip")
+    fake["slices"].update(size=99, compression="gzip", spacing_mm=1.5, fov_mm=300.0, context_mm=4.0)
     fake["ingest"]["affine_tolerance"] = 0.123
     fake["split"].update(seed=5, test_fraction=0.31, val_fraction=0.17, folds=3, fold=2)
     fake["train"].update(threads=7, device="cpu", workers=3)
@@ -73,9 +73,10 @@ def test_cli_defaults_are_the_schema_defaults(monkeypatch):
     def defaults(cmd):
         return {a.dest: a.default for a in cmds[cmd]._actions}
 
-    assert {k: defaults("preprocess")[k] for k in ("lower", "upper", "mode", "size", "compression",
-                                                   "affine_tolerance")} == {
-        "lower": -77.0, "upper": 177.0, "mode": "study_v2", "size": 99, "compression": "gzip", "affine_tolerance": 0.123}
+    assert {k: defaults("preprocess")[k] for k in ("lower", "upper", "mode", "compression", "affine_tolerance")} == {
+        "lower": -77.0, "upper": 177.0, "mode": "study_v2", "compression": "gzip", "affine_tolerance": 0.123}
+    assert {k: defaults("plan")[k] for k in ("spacing_mm", "size", "fov_mm", "context_mm")} == {
+        "spacing_mm": 1.5, "size": 99, "fov_mm": 300.0, "context_mm": 4.0}
     assert {k: defaults("split")[k] for k in ("seed", "test_fraction", "val_fraction", "folds", "fold")} == {
         "seed": 5, "test_fraction": 0.31, "val_fraction": 0.17, "folds": 3, "fold": 2}
     assert {k: defaults("train")[k] for k in ("threads", "device", "workers")} == {"threads": 7, "device": "cpu",

@@ -254,19 +254,25 @@ class SequenceStub(torch.nn.Module):
         return torch.nn.functional.one_hot(k, 3).movedim(-1, 2).float() * 20
 
 
-@pytest.mark.parametrize("n, t, input_size", [(7, 3, 8), (6, 3, 8), (2, 3, 8), (7, 3, 4), (5, 1, 8)])
-def test_segment_sequences_labels_every_slice_exactly_once(n, t, input_size):
+@pytest.mark.parametrize("n, t, input_size, stride", [(7, 3, 8, 1), (6, 3, 8, 1), (2, 3, 8, 1), (7, 3, 4, 1),
+                                                     (5, 1, 8, 1), (11, 3, 8, 2), (7, 3, 8, 3), (2, 3, 8, 4)])
+def test_segment_sequences_labels_every_slice_exactly_once(n, t, input_size, stride):
+    """Every slice once, from a window whose slices are ``stride`` apart (context too: z_stride)."""
     image = np.ascontiguousarray(np.broadcast_to((np.arange(n) / 10).astype(np.float32)[:, None, None], (n, 8, 8)))
     stub = SequenceStub(centre=1)
     spec = {"seq_len": t, "input_size": input_size, "context": 1}
-    got = list(I.segment_sequences(stub, spec, image, CPU, out_shape=(10, 14), batch=2, amp=False))
+    got = list(I.segment_sequences(stub, spec, image, CPU, batch=2, amp=False, stride=stride))
     zs = [z for batch, _ in got for z in batch]
     assert sorted(zs) == list(range(n))  # every slice, none twice
-    for batch, lab in got:
-        assert lab.dtype == np.uint8 and lab.shape == (len(batch), 10, 14)
+    for batch, p in got:
+        assert p.shape == (len(batch), 3, 8, 8)
+        lab = p.argmax(dim=1).numpy()
         for z, m in zip(batch, lab):
             assert (m == z % 3).all(), z
     assert all(s[1:] == (t, 3, input_size, input_size) for s in stub.seen)
+    for w in I.sequence_windows(n, t, stride):  # a window's slices are stride apart (the last repeated at the end)
+        steps = set(np.diff(w).tolist())
+        assert steps <= {stride, 0} and len(w) == t, w
 
 
 # ---------------------------------------------------------------------------------------------- V1 3D
@@ -281,11 +287,12 @@ class Pointwise3D(torch.nn.Module):
         return _logits(0.74 - 0.5 * v, 0.5 * v + 0.01, torch.full_like(v, 0.25))
 
 
-@pytest.mark.parametrize("shape", [(11, 13, 21), (3, 8, 8), (9, 21, 10)])
-def test_sliding_window_3d_covers_every_voxel_with_the_right_patch(shape):
+@pytest.mark.parametrize("shape, stride", [((11, 13, 21), 1), ((3, 8, 8), 1), ((9, 21, 10), 1), ((11, 13, 21), 3),
+                                           ((3, 8, 8), 5)])
+def test_sliding_window_3d_covers_every_voxel_with_the_right_patch(shape, stride):
     image = np.random.default_rng(7).random(shape).astype(np.float32)
     spec = {"patch": [4, 8]}
-    probs = I.sliding_window_3d(Pointwise3D((1, 1, 4, 8, 8)), spec, image, CPU, amp=False)
+    probs = I.sliding_window_3d(Pointwise3D((1, 1, 4, 8, 8)), spec, image, CPU, amp=False, stride=stride)
     assert probs.shape == (3,) + shape and probs.dtype == np.float16
     want = np.stack([0.74 - 0.5 * image, 0.5 * image + 0.01, np.full(shape, 0.25)])
     assert np.isfinite(probs).all()
@@ -293,14 +300,13 @@ def test_sliding_window_3d_covers_every_voxel_with_the_right_patch(shape):
 
 
 # ---------------------------------------------------------------------------------------------- resizing
-def test_resize_probs_to_slices_picks_the_slices_asked_for():
+def test_volume_probs_picks_the_slices_asked_for():
     z, s = 4, 8
     probs = np.full((3, z, s, s), 0.1, np.float16)
     for k in range(z):
         probs[k % 3, k, :, : s // 2] = 0.8  # left half: class k % 3, right half: class (k + 1) % 3
         probs[(k + 1) % 3, k, :, s // 2 :] = 0.8
-    for out_shape, half in (((s, s), s // 2), ((16, 24), 12)):
-        lab = I.resize_probs_to_slices(probs, [3, 1], out_shape)
-        assert lab.dtype == np.uint8 and lab.shape == (2,) + out_shape
-        for row, k in zip(lab, (3, 1)):
-            assert (row[:, :half] == k % 3).all() and (row[:, half:] == (k + 1) % 3).all()
+    lab = I.volume_probs(probs, [3, 1]).argmax(dim=1).numpy()
+    assert lab.shape == (2, s, s)
+    for row, k in zip(lab, (3, 1)):
+        assert (row[:, : s // 2] == k % 3).all() and (row[:, s // 2 :] == (k + 1) % 3).all()

@@ -18,6 +18,8 @@ from conftest import fit, tiny_config, write_nifti
 def test_prediction_lands_on_the_original_grid(tmp_path, monkeypatch, codes):
     """With an oracle in place of model A, the written prediction must equal the source label voxel for voxel."""
     img, lab, aff = generate(5, PhantomSpec(size=40, slices=40))  # cube, so every permutation keeps square slices
+    aff = aff.copy()
+    aff[:3, :3] = np.sign(aff[:3, :3]) * 4.0  # isotropic 4 mm voxels: every permutation keeps square pixels
     t = ornt_transform(nib.orientations.io_orientation(aff), axcodes2ornt(codes))
     img_o = np.ascontiguousarray(nib.orientations.apply_orientation(img, t))
     lab_o = np.ascontiguousarray(nib.orientations.apply_orientation(lab, t))
@@ -25,10 +27,10 @@ def test_prediction_lands_on_the_original_grid(tmp_path, monkeypatch, codes):
     ip = write_nifti(tmp_path / "volume-5.nii.gz", img_o, aff_o)
     lp = write_nifti(tmp_path / "segmentation-5.nii.gz", lab_o, aff_o)
     h5 = tmp_path / "5.h5"
-    preprocess_case("5", ip, h5, label_path=lp, size=40)
+    preprocess_case("5", ip, h5, label_path=lp, size=40, spacing_mm=4.0)
     _, _, attrs, label = P.read_case(h5, "5")
 
-    spec = {"window": {"mode": "fixed", "lower": -150.0, "upper": 250.0}, "slice_size": 40}
+    spec = {"window": {"mode": "fixed", "lower": -150.0, "upper": 250.0}, "slice_size": 40, "spacing_mm": 4.0}
     monkeypatch.setattr(P, "load_ensemble", lambda *a, **k: (None, spec))
 
     def oracle(model, spec, image, device, **kw):  # model A's probabilities = the one-hot reference label
@@ -45,20 +47,21 @@ def test_prediction_lands_on_the_original_grid(tmp_path, monkeypatch, codes):
 
 @pytest.mark.parametrize("codes", [("L", "P", "S"), ("A", "R", "I"), ("P", "I", "L")])
 def test_prediction_lands_on_the_original_grid_from_non_square_anisotropic_slices(tmp_path, monkeypatch, codes):
-    """As above, for a 40 x 56 in-plane matrix with 0.7 x 0.9 x 3 mm voxels, stored on 32 x 32 slices: the oracle's
-    probabilities are resized back to 56 rows x 40 columns.  The label is made of 5 x 7 pixel blocks, which the
-    32 x 32 grid represents exactly, so the round trip must be exact."""
-    from test_preprocess import blocky_case
+    """As above, for a 40 x 56 in-plane matrix with 0.7 x 0.9 x 3 mm voxels, stored at 0.7 mm on an 80 x 80 grid
+    (72 rows x 40 columns placed at the body's centre): the oracle's probabilities are taken off the grid and
+    resampled back to 56 rows x 40 columns.  The label's 5 x 7 pixel blocks are 5 x 9 pixels at 0.7 mm, which the
+    grid represents exactly, so the round trip must be exact."""
+    from test_preprocess import GRID, TARGET, blocky_case
 
     img_o, lab_o, aff_o, _ = blocky_case(codes, seed=2)
     ip = write_nifti(tmp_path / "volume-6.nii.gz", img_o, aff_o)
     lp = write_nifti(tmp_path / "segmentation-6.nii.gz", lab_o, aff_o)
     h5 = tmp_path / "6.h5"
-    preprocess_case("6", ip, h5, label_path=lp, size=32)
+    preprocess_case("6", ip, h5, label_path=lp, size=GRID, spacing_mm=TARGET)
     _, _, attrs, label = P.read_case(h5, "6")
-    assert label.shape[1:] == (32, 32)
+    assert label.shape[1:] == (GRID, GRID)
 
-    spec = {"window": {"mode": "fixed", "lower": -150.0, "upper": 250.0}, "slice_size": 32}
+    spec = {"window": {"mode": "fixed", "lower": -150.0, "upper": 250.0}, "slice_size": GRID, "spacing_mm": TARGET}
     monkeypatch.setattr(P, "load_ensemble", lambda *a, **k: (None, spec))
 
     def oracle(model, spec, image, device, **kw):

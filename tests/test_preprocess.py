@@ -68,8 +68,9 @@ def test_hdf5_layout_matches_source(tiny_case, tmp_path):
 
 @pytest.mark.parametrize("codes", [("R", "A", "S"), ("L", "P", "I"), ("S", "R", "A"), ("P", "I", "L")])
 def test_slices_run_along_the_patient_axis_whatever_the_stored_order(tmp_path, codes):
-    """A 12 x 20 x 7 (R-L x A-P x I-S) volume stored in several axis orders: always 7 slices, each 20 rows (A-P)
-    by 12 columns (R-L) before resizing, slice 0 the most inferior."""
+    """A 12 x 20 x 7 (R-L x A-P x I-S) volume at 0.9 mm in-plane stored in several axis orders: always 7 slices,
+    each 20 rows (A-P) by 12 columns (R-L) at 0.9 mm, placed in the middle of the 20 x 20 grid (never stretched
+    to fill it), slice 0 the most inferior."""
     from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
     ras = np.full((12, 20, 7), -1000, np.int16)
@@ -78,22 +79,26 @@ def test_slices_run_along_the_patient_axis_whatever_the_stored_order(tmp_path, c
     lab[:, :, 1] = 1
     ras[:, 10:, 4] = 100
     lab[:, 10:, 4] = 1
-    aff = np.diag([0.7, 0.9, 3.0, 1.0])
+    aff = np.diag([0.9, 0.9, 3.0, 1.0])
     t = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(codes))
     aff_o = aff @ inv_ornt_aff(t, ras.shape)
     ip = write_nifti(tmp_path / "v.nii.gz", apply_orientation(ras, t), aff_o)
     lp = write_nifti(tmp_path / "l.nii.gz", apply_orientation(lab, t), aff_o)
-    preprocess_case("o", ip, tmp_path / "o.h5", label_path=lp, size=20)
+    preprocess_case("o", ip, tmp_path / "o.h5", label_path=lp, size=20, spacing_mm=0.9)
     with h5py.File(tmp_path / "o.h5") as f:
         assert f["label"].shape == (7, 20, 20)
         assert np.flatnonzero(f["liver_present"][:]).tolist() == [1, 4]
-        assert (f["label"][1] == 1).all()
+        assert tuple(f.attrs["resampled_shape"]) == (20, 12) and tuple(f.attrs["offset"]) == (0, 4)
+        # the scan's 12 R-L columns sit centred (columns 4..15); the 4 columns on each side are padding
+        assert (f["label"][1][:, 4:16] == 1).all() and (f["label"][1][:, :4] == 0).all()
+        assert (f["label"][1][:, 16:] == 0).all()
         # rows run posterior -> anterior (canonical y), so the anterior half is the lower half of the rows
-        assert (f["label"][4][10:] == 1).all() and (f["label"][4][:10] == 0).all()
-        image = f["image"][:].astype(np.float32)  # 100 HU -> 0.625, air -> 0; constant along R-L, so exact
-        assert (image[1] == 0.625).all() and (image[4][10:] == 0.625).all() and (image[4][:10] == 0).all()
+        assert (f["label"][4][10:, 4:16] == 1).all() and (f["label"][4][:10] == 0).all()
+        image = f["image"][:].astype(np.float32)  # 100 HU -> 0.625, air -> 0; no resampling at 0.9 mm: exact
+        assert (image[1][:, 4:16] == 0.625).all() and (image[4][10:, 4:16] == 0.625).all()
+        assert (image[4][:10] == 0).all() and (image[:, :, :4] == 0).all()
         assert (image[[0, 2, 3, 5, 6]] == 0).all()
-        assert np.allclose(f.attrs["canonical_spacing"], [0.7, 0.9, 3.0])
+        assert np.allclose(f.attrs["canonical_spacing"], [0.9, 0.9, 3.0])
 
 
 def _case(tmp_path, img, lab=None, img_aff=None, lab_aff=None, dtype=np.int16):
@@ -218,23 +223,33 @@ def blocky_case(codes, seed=0):
 CODES = [("R", "A", "S"), ("L", "P", "S"), ("A", "R", "I"), ("P", "I", "L")]
 
 
+TARGET, GRID = 0.7, 80  # 0.7 mm divides both block sides (5 x 0.7 = 3.5 mm, 7 x 0.9 = 6.3 = 9 x 0.7 mm)
+
+
 @pytest.mark.parametrize("codes", CODES)
 def test_non_square_anisotropic_slices_and_labels(tmp_path, codes):
+    """40 x 56 pixels at 0.7 x 0.9 mm resampled to 0.7 mm: 40 columns x 72 rows, every 5 x 7 pixel block of the
+    source now 5 x 9 pixels (its true shape in mm), placed on the 80 x 80 grid at the recorded offset."""
     img, lab, aff, grid = blocky_case(codes)
     ip = write_nifti(tmp_path / "v.nii.gz", img, aff)
     lp = write_nifti(tmp_path / "l.nii.gz", lab, aff)
-    preprocess_case("ns", ip, tmp_path / "ns.h5", label_path=lp, size=32)
+    preprocess_case("ns", ip, tmp_path / "ns.h5", label_path=lp, size=GRID, spacing_mm=TARGET)
     with h5py.File(tmp_path / "ns.h5") as f:
         image, label, a = f["image"][:].astype(np.float32), f["label"][:], dict(f.attrs)
         liver_present, tumour_present = f["liver_present"][:], f["tumour_present"][:]
-    assert image.shape == label.shape == (NZ, 32, 32)
+    assert image.shape == label.shape == (NZ, GRID, GRID)
+    assert tuple(a["resampled_shape"]) == (72, 40) and a["spacing_mm"] == TARGET
+    assert np.allclose(a["stored_spacing"], [0.7, 0.7])
+    r0, c0 = (int(v) for v in a["offset"])
+    assert 0 <= r0 <= GRID - 72 and 0 <= c0 <= GRID - 40
     for z in range(NZ):
-        want = np.kron(grid[:, :, z].T, np.ones((4, 4), np.uint8))  # rows = A-P blocks, columns = R-L blocks
+        want = np.zeros((GRID, GRID), np.uint8)
+        want[r0 : r0 + 72, c0 : c0 + 40] = np.kron(grid[:, :, z].T, np.ones((9, 5), np.uint8))  # rows = A-P
         assert np.array_equal(label[z], want), z
-        # the image is resized with antialiasing; the central 2 x 2 pixels of each 4 x 4 block see only that block
-        centres = image[z].reshape(8, 4, 8, 4)[:, 1:3, :, 1:3]
+        # pixels at least one pixel inside a block see only that block after the bilinear resize
+        inner = image[z, r0 : r0 + 72, c0 : c0 + 40].reshape(8, 9, 8, 5)[:, 2:7, :, 1:4]
         win = np.vectorize(lambda k: min(max((HU[k] + 150) / 400, 0.0), 1.0))(grid[:, :, z].T)
-        assert np.allclose(centres, win[:, None, :, None], atol=1e-3), z
+        assert np.allclose(inner, win[:, None, :, None], atol=2e-3), z
     assert np.array_equal(liver_present, (grid >= 1).any(axis=(0, 1)))
     assert np.array_equal(tumour_present, (grid == 2).any(axis=(0, 1)))
     assert not liver_present[0] and not tumour_present[5] and liver_present[5]
@@ -246,21 +261,23 @@ def test_non_square_anisotropic_slices_and_labels(tmp_path, codes):
 
 @pytest.mark.parametrize("codes", CODES)
 def test_stored_geometry_leads_back_to_the_original_grid(tmp_path, codes):
-    """From the stored label and the file's attributes alone (nibabel for the reorientation, nearest pixel
-    centres for the resize): the source label voxel for voxel, on the source grid."""
+    """From the stored label and the file's attributes alone, prediction's way back (inference.to_source_grid on
+    one-hot probabilities, then nibabel's reorientation): the source label voxel for voxel, on the source grid."""
+    import torch
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    from liverseg.inference import to_source_grid
 
     img, lab, aff, _ = blocky_case(codes, seed=1)
     ip = write_nifti(tmp_path / "v.nii.gz", img, aff)
     lp = write_nifti(tmp_path / "l.nii.gz", lab, aff)
-    preprocess_case("ns", ip, tmp_path / "ns.h5", label_path=lp, size=32)
+    preprocess_case("ns", ip, tmp_path / "ns.h5", label_path=lp, size=GRID, spacing_mm=TARGET)
     with h5py.File(tmp_path / "ns.h5") as f:
         stored, a = f["label"][:], dict(f.attrs)
     nx, ny, nz = (int(v) for v in a["canonical_shape"])
-    size = int(a["size"])
-    rows = ((np.arange(ny) + 0.5) * size / ny).astype(int)  # canonical y -> stored row
-    cols = ((np.arange(nx) + 0.5) * size / nx).astype(int)  # canonical x -> stored column
-    canonical = np.transpose(stored[:, rows][:, :, cols], (2, 1, 0))  # (z, y, x) -> (x, y, z)
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(stored.astype(np.int64)), 3).permute(0, 3, 1, 2).float()
+    slices = to_source_grid(onehot, a).argmax(dim=1).numpy().astype(np.uint8)  # (z, y, x)
+    canonical = np.transpose(slices, (2, 1, 0))
     assert canonical.shape == (nx, ny, nz)
     back = apply_orientation(canonical, ornt_transform(axcodes2ornt(("R", "A", "S")), io_orientation(a["affine"])))
     assert back.shape == tuple(a["original_shape"])

@@ -54,12 +54,14 @@ class AOutput:
         return p
 
 
-def run_a(model, spec, image: np.ndarray, device, batch: int = default("predict.batch_size"), amp: bool = True, tta: bool = False) -> AOutput:
+def run_a(model, spec, image: np.ndarray, device, batch: int = default("predict.batch_size"), amp: bool = True,
+          tta: bool = False, stride: int = 1) -> AOutput:
     n, size = image.shape[0], image.shape[-1]
     s = spec["input_size"]
     probs16 = np.zeros((n, spec["classes"], s, s), np.float16)
     labels = np.zeros((n, size, size), np.uint8)
-    for bz, p in slice_probs(model, spec, image, list(range(n)), device, batch=batch, amp=amp, tta=tta):
+    for bz, p in slice_probs(model, spec, image, list(range(n)), device, batch=batch, amp=amp, tta=tta,
+                             stride=stride):
         probs16[bz] = p.numpy().astype(np.float16)
         p = torch.from_numpy(probs16[bz].astype(np.float32))  # labels from exactly what prediction will use
         up = F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False) if s != size else p
@@ -111,7 +113,7 @@ def combine(a_probs: torch.Tensor, codes: np.ndarray, b_probs: torch.Tensor | No
 
 
 def cascade_batches(image, a: AOutput, codes, region, model_b, spec_b, device, batch: int = default("predict.batch_size"), amp: bool = True,
-                    tta: bool = False):
+                    tta: bool = False, stride: int = 1):
     """Yield (slice indices, final probabilities (n, K, S, S) on the stored grid) in batches."""
     n, size = image.shape[0], image.shape[-1]
     for s in range(0, n, batch):
@@ -121,7 +123,7 @@ def cascade_batches(image, a: AOutput, codes, region, model_b, spec_b, device, b
         b = None
         if bz:
             b = torch.cat([p for _, p in tile_probs(model_b, spec_b, image, bz, region, device, batch=batch,
-                                                      amp=amp, tta=tta)])
+                                                      amp=amp, tta=tta, stride=stride)])
         yield zs, combine(a.probs(zs, size), c, b, region)
 
 
@@ -169,6 +171,7 @@ class ValCase:
     b_slices: list
     region: tuple | None
     base: dict  # gate -> (2, 3) counts over the slices not sent to B
+    z_mm: float = 0.0  # slice spacing: B's neighbours are picked in mm (inference.case_stride)
 
 
 def prepare_val_case(path, models: dict, threshold: float, margin: int, z_margin: int, patch: int, gates,
@@ -176,14 +179,15 @@ def prepare_val_case(path, models: dict, threshold: float, margin: int, z_margin
     """Run A and the classifier once on a validation case (``models``: role -> (model, spec))."""
     import h5py
 
-    from liverseg.inference import classify
+    from liverseg.inference import case_stride, classify
 
     with h5py.File(path, "r") as f:
         image, label = f["image"][:], f["label"][:]
+        z_mm = float(f.attrs["slice_spacing"])
     model_a, spec_a = models["model_a"]
     clf, spec_c = models["classifier"]
-    a = run_a(model_a, spec_a, image, device, batch=batch, amp=amp, tta=a_tta)
-    scores = classify(clf, spec_c, image, device, amp=amp)
+    a = run_a(model_a, spec_a, image, device, batch=batch, amp=amp, tta=a_tta, stride=case_stride(spec_a, z_mm))
+    scores = classify(clf, spec_c, image, device, amp=amp, stride=case_stride(spec_c, z_mm))
     present, region, zrange = liver_region(a.labels, margin, z_margin, patch)
     base, b_slices = {}, None
     for g in gates:
@@ -192,18 +196,21 @@ def prepare_val_case(path, models: dict, threshold: float, margin: int, z_margin
         keep = codes != USE_B
         base[g] = PooledDice.of(pred[keep], label[keep]).counts
         b_slices = [int(z) for z in np.flatnonzero(codes == USE_B)]  # the same for every gate
-    return ValCase(str(path), b_slices, region, base)
+    return ValCase(str(path), b_slices, region, base, z_mm)
 
 
 def b_counts(vc: ValCase, model_b, spec_b, device, amp: bool = True, tta: bool = False, batch: int = default("predict.batch_size")) -> np.ndarray:
     """Pooled counts of B's labels on the slices the cascade sends to B (background outside B's region)."""
     import h5py
 
+    from liverseg.inference import case_stride
+
     if not vc.b_slices:
         return np.zeros((2, 3), np.int64)
     # Runs every epoch: read only B's slices and their context neighbours, not the whole volume.  Inside the
     # slab, neighbours never need clamping except where the slab edge is the volume's edge, as in the volume.
-    ctx = int(spec_b["context"])
+    stride = case_stride(spec_b, vc.z_mm)
+    ctx = int(spec_b["context"]) * stride
     with h5py.File(vc.path, "r") as f:
         n = f["image"].shape[0]
         lo, hi = max(0, vc.b_slices[0] - ctx), min(n, vc.b_slices[-1] + 1 + ctx)
@@ -213,6 +220,7 @@ def b_counts(vc: ValCase, model_b, spec_b, device, amp: bool = True, tta: bool =
     r0, r1, c0, c1 = vc.region
     pos = {z: i for i, z in enumerate(zs)}
     pred = np.zeros(label.shape, np.uint8)
-    for bz, p in tile_probs(model_b, spec_b, slab, zs, vc.region, device, batch=batch, amp=amp, tta=tta):
+    for bz, p in tile_probs(model_b, spec_b, slab, zs, vc.region, device, batch=batch, amp=amp, tta=tta,
+                            stride=stride):
         pred[[pos[z] for z in bz], r0:r1, c0:c1] = p.argmax(dim=1).to(torch.uint8).numpy()
     return PooledDice.of(pred, label).counts

@@ -80,11 +80,29 @@ def _cmd_check(a):
 
 
 def _cmd_preprocess(a):
+    from liverseg.plan import read_plan
     from liverseg.preprocess import preprocess_case
 
+    if a.plan:
+        grid = read_plan(a.plan)
+    elif a.size:
+        grid = {"size": a.size, "spacing_mm": a.spacing_mm}
+    else:
+        raise ConfigError("preprocess needs --plan PLAN_JSON (`liverseg plan`) or --size N [--spacing-mm MM]")
     print(json.dumps(preprocess_case(
-        a.case, a.image, a.out, label_path=a.label, lower=a.lower, upper=a.upper, mode=a.mode, size=a.size,
-        affine_tolerance=a.affine_tolerance, compression=a.compression)))
+        a.case, a.image, a.out, label_path=a.label, lower=a.lower, upper=a.upper, mode=a.mode, size=grid["size"],
+        spacing_mm=grid["spacing_mm"], affine_tolerance=a.affine_tolerance, compression=a.compression)))
+
+
+def _cmd_plan(a):
+    from liverseg.plan import write_plan
+
+    print(json.dumps(write_plan(a.split, a.checks, a.out, _auto(a.spacing_mm), _auto(a.size, int),
+                                _auto(a.fov_mm), _auto(a.context_mm))))
+
+
+def _auto(value, kind=float):
+    return value if value == "auto" else kind(value)
 
 
 def _cmd_split(a):
@@ -205,11 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lower", type=float, default=D("window.lower"))
     s.add_argument("--upper", type=float, default=D("window.upper"))
     s.add_argument("--mode", choices=["fixed", "study_v2"], default=D("window.mode"))
-    s.add_argument("--size", type=int, default=D("slices.size"))
+    s.add_argument("--plan", help="plan.json (`liverseg plan`): the stored grid's mm per pixel and size")
+    s.add_argument("--size", type=int, help="stored grid size without a plan")
+    s.add_argument("--spacing-mm", type=float, help="mm per stored pixel without a plan (default: fit the scan)")
     s.add_argument("--affine-tolerance", type=float, default=D("ingest.affine_tolerance"))
     s.add_argument("--compression", choices=["none", "lzf", "gzip"], default=D("slices.compression"))
     s.add_argument("out")
     s.set_defaults(func=_cmd_preprocess)
+
+    s = sub.add_parser("plan", help="the stored grid in mm (plan.json) from the training and validation cases' headers")
+    s.add_argument("--split", required=True, help="split.json (`liverseg split`)")
+    s.add_argument("--checks", nargs="+", required=True, metavar="JSON", help="check verdicts (`liverseg check`)")
+    s.add_argument("--spacing-mm", default=D("slices.spacing_mm"), help="auto or mm per pixel")
+    s.add_argument("--size", default=D("slices.size"), help="auto or pixels")
+    s.add_argument("--fov-mm", default=D("slices.fov_mm"), help="auto or mm")
+    s.add_argument("--context-mm", default=D("slices.context_mm"), help="auto or mm")
+    s.add_argument("out")
+    s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("split", help="case-level train/val/test split (k-fold aware) from the case table and checks")
     s.add_argument("--cases", required=True, help="TSV written by `liverseg cases`")

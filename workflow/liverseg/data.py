@@ -28,6 +28,8 @@ class CaseIndex:
     bbox3d: np.ndarray
     size: int
     identity: dict
+    z_mm: float = 0.0  # slice spacing (mm): with the model's context_mm it sets ``stride``
+    stride: int = 1  # slices between neighbours fed together (geometry.z_stride); set once the model is known
 
     def liver_zrange(self, z_margin: int) -> tuple[int, int] | None:
         """Slices of the reference liver plus ``z_margin`` on each side (model B's z-range in training)."""
@@ -44,10 +46,10 @@ def index_cases(paths: list[str]) -> list[CaseIndex]:
             # What the slices were made from: hashes recorded at preprocessing, never the arrays re-read.
             identity = {k: str(a.get(k, "")) for k in ("case_id", "source_image_sha256", "source_label_sha256",
                                                        "pipeline_version", "window_mode", "window_lower",
-                                                       "window_upper", "size")}
+                                                       "window_upper", "size", "spacing_mm")}
             out.append(
                 CaseIndex(p, f["image"].shape[0], f["liver_present"][:], f["tumour_present"][:],
-                          a["liver_bbox_3d"], int(a["size"]), identity)
+                          a["liver_bbox_3d"], int(a["size"]), identity, float(a["canonical_spacing"][2]))
             )
     return out
 
@@ -75,7 +77,7 @@ class SliceDataset(torch.utils.data.Dataset):
         k, z = self.items[draw[0]]
         c = self.cases[k]
         f = self._file(k)
-        idx = context_indices(z, c.n_slices, self.context)
+        idx = context_indices(z, c.n_slices, self.context, c.stride)
         lo, hi = idx[0], idx[-1] + 1
         block = f["image"][lo:hi]  # contiguous read, then pick (edges repeat)
         img = block[[j - lo for j in idx]].astype(np.float32)
@@ -88,6 +90,12 @@ class SliceDataset(torch.utils.data.Dataset):
         else:
             x, y = torch.from_numpy(img), torch.from_numpy(lab[0]).long()
         return x, y, torch.tensor(float(c.liver[z]))
+
+
+def sequence_slices(z0: int, n_slices: int, seq_len: int, stride: int = 1) -> list[int]:
+    """The slices of a V3 sequence starting at ``z0``: every ``stride``-th slice (a fixed distance in mm), the
+    last one repeated past the volume's end."""
+    return [min(z0 + j * stride, n_slices - 1) for j in range(seq_len)]
 
 
 def epoch_draws(groups: list[list[int]], fractions: list[float], n: int, seed: int, epoch: int) -> list[tuple]:
@@ -151,10 +159,10 @@ class SequenceDataset(SliceDataset):
         k, z0 = self.items[draw[0]]
         c = self.cases[k]
         f = self._file(k)
-        zs = [min(z, c.n_slices - 1) for z in range(z0, z0 + self.seq_len)]
-        lo, hi = max(0, z0 - self.context), min(c.n_slices, zs[-1] + self.context + 1)
+        zs = sequence_slices(z0, c.n_slices, self.seq_len, c.stride)
+        lo, hi = max(0, z0 - self.context * c.stride), min(c.n_slices, zs[-1] + self.context * c.stride + 1)
         block = f["image"][lo:hi].astype(np.float32)
-        img = np.stack([block[[j - lo for j in context_indices(z, c.n_slices, self.context)]] for z in zs])
+        img = np.stack([block[[j - lo for j in context_indices(z, c.n_slices, self.context, c.stride)]] for z in zs])
         lab = f["label"][zs[0] : zs[-1] + 1][[z - zs[0] for z in zs]].astype(np.int64)
         x, y = torch.from_numpy(img), torch.from_numpy(lab)
         if c.size != self.input_size:
@@ -176,11 +184,13 @@ class PatchDataset(SliceDataset):
         k, z0, r0, c0 = self.items[draw[0]]
         d, p = self.patch
         f = self._file(k)
+        c = self.cases[k]
         img = np.zeros((d, p, p), np.float32)
         lab = np.zeros((d, p, p), np.int64)
-        src = f["image"][z0 : z0 + d, r0 : r0 + p, c0 : c0 + p]
+        last = min(c.n_slices, z0 + (d - 1) * c.stride + 1)  # every stride-th slice from z0: d slices in mm
+        src = f["image"][z0:last:c.stride, r0 : r0 + p, c0 : c0 + p]
         img[: src.shape[0], : src.shape[1], : src.shape[2]] = src
-        src_l = f["label"][z0 : z0 + d, r0 : r0 + p, c0 : c0 + p]
+        src_l = f["label"][z0:last:c.stride, r0 : r0 + p, c0 : c0 + p]
         lab[: src_l.shape[0], : src_l.shape[1], : src_l.shape[2]] = src_l
         return torch.from_numpy(img)[None], torch.from_numpy(lab), torch.tensor(float((lab >= 1).any()))
 
@@ -222,7 +232,7 @@ class LiverPatchDataset(SliceDataset):
                 o = int(rng.integers(a0, hi + 1))
             origin.append(min(max(o, a0), hi))
         ro, co = origin
-        idx = context_indices(z, c.n_slices, self.context)
+        idx = context_indices(z, c.n_slices, self.context, c.stride)
         lo, hi_ = idx[0], idx[-1] + 1
         block = f["image"][lo:hi_, ro : ro + p, co : co + p].astype(np.float32)
         img = crop_padded(block[[j - lo for j in idx]], 0, 0, p)

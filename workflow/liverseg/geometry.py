@@ -74,9 +74,10 @@ def paste(dst, src, region) -> None:
     dst[..., r0:r1, c0:c1] = src
 
 
-def context_indices(z: int, n_slices: int, context: int) -> list[int]:
-    """Neighbour slice indices z-context..z+context, repeating the edge slice beyond the volume."""
-    return [min(max(z + d, 0), n_slices - 1) for d in range(-context, context + 1)]
+def context_indices(z: int, n_slices: int, context: int, stride: int = 1) -> list[int]:
+    """Neighbour slice indices z - context*stride .. z + context*stride in steps of ``stride`` (z_stride: the
+    neighbours lie a fixed distance in mm apart), repeating the edge slice beyond the volume."""
+    return [min(max(z + d * stride, 0), n_slices - 1) for d in range(-context, context + 1)]
 
 
 def z_range(present: np.ndarray, margin: int) -> tuple[int, int] | None:
@@ -85,3 +86,42 @@ def z_range(present: np.ndarray, margin: int) -> tuple[int, int] | None:
     if zs.size == 0:
         return None
     return max(0, int(zs[0]) - margin), min(len(present), int(zs[-1]) + 1 + margin)
+
+
+# ---------------------------------------------------------------------------------------------- millimetres
+def resampled_shape(shape_hw, spacing_hw, target: float) -> tuple[int, int]:
+    """(rows, cols) of a slice of ``shape_hw`` pixels at ``spacing_hw`` mm once resampled to ``target`` mm."""
+    return tuple(max(1, int(round(n * float(s) / float(target)))) for n, s in zip(shape_hw, spacing_hw))
+
+
+def placement(size: int, offset, shape_hw) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Where a resampled slice of ``shape_hw`` lands on the S x S stored grid when its pixel (0, 0) sits at stored
+    pixel ``offset`` (may be negative): (stored rows/cols, resampled rows/cols) of the overlap.  The same slices
+    place the image forward and pick the probabilities back, so the two directions cannot disagree."""
+    dst, src = [], []
+    for off, n in zip(offset, shape_hw):
+        lo, hi = max(0, int(off)), min(size, int(off) + int(n))
+        hi = max(hi, lo)
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - int(off), hi - int(off)))
+    return tuple(dst), tuple(src)
+
+
+def centring_offset(size: int, centre_rc, shape_hw) -> tuple[int, int]:
+    """Offset that puts the resampled pixel ``centre_rc`` (the body's centre) at the stored grid's centre.  When
+    the whole resampled slice fits, it is kept inside the grid (nothing of the scan is cut for nothing)."""
+    out = []
+    for c, n in zip(centre_rc, shape_hw):
+        off = int(round(size / 2 - float(c)))
+        if n <= size:
+            off = min(max(off, 0), size - int(n))
+        out.append(off)
+    return tuple(out)
+
+
+def z_stride(context_mm: float | None, z_mm: float | None) -> int:
+    """Slices between 2.5D neighbours (and between the slices of a V3 sequence or a V1 patch) so that they lie
+    about ``context_mm`` apart whatever the scan's slice spacing: 1 mm slices with 5 mm context -> 5, 5 mm -> 1."""
+    if not context_mm or not z_mm:
+        return 1
+    return max(1, int(round(float(context_mm) / float(z_mm))))

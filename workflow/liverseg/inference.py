@@ -17,26 +17,32 @@ import torch
 import torch.nn.functional as F
 
 from liverseg.config import default
-from liverseg.geometry import context_indices, patch_grid
+from liverseg.geometry import context_indices, patch_grid, placement, z_stride
 from liverseg.models import autocast
 
 
-def _stack(image: np.ndarray, zs: list[int], context: int) -> torch.Tensor:
+def _stack(image: np.ndarray, zs: list[int], context: int, stride: int = 1) -> torch.Tensor:
     n = image.shape[0]
     return torch.from_numpy(
-        np.stack([image[context_indices(z, n, context)] for z in zs]).astype(np.float32, copy=False)
+        np.stack([image[context_indices(z, n, context, stride)] for z in zs]).astype(np.float32, copy=False)
     )
+
+
+def case_stride(spec: dict, z_mm: float | None) -> int:
+    """Slices between the neighbours a model sees together on a case with slice spacing ``z_mm``: the model's
+    ``context_mm`` (chosen at training) in slices of this case (geometry.z_stride); 1 for older model files."""
+    return z_stride(spec.get("context_mm"), z_mm)
 
 
 @torch.inference_mode()
 def classify(model, spec: dict, image: np.ndarray, device: torch.device, batch: int = 64,
-             amp: bool = True) -> np.ndarray:
+             amp: bool = True, stride: int = 1) -> np.ndarray:
     """Probability of "liver present" for every slice of ``image`` (Z, S, S)."""
     size = spec["input_size"]
     out = np.zeros(image.shape[0], np.float32)
     for s in range(0, image.shape[0], batch):
         zs = list(range(s, min(s + batch, image.shape[0])))
-        x = _stack(image, zs, spec["context"])
+        x = _stack(image, zs, spec["context"], stride)
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         with autocast(device, amp):
@@ -94,7 +100,7 @@ def _probs(model, x: torch.Tensor, device, amp: bool, transforms=((False, 1.0),)
 
 @torch.inference_mode()
 def slice_probs(model, spec: dict, image: np.ndarray, zs: list[int], device: torch.device, batch: int = default("predict.batch_size"),
-                amp: bool = True, tta: bool = False, out_size: int | None = None
+                amp: bool = True, tta: bool = False, out_size: int | None = None, stride: int = 1
                 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Whole-slice model (A): yield (slice indices, probabilities (n, K, s, s)) with s = ``out_size`` (default:
     the model's input size).  Slices are resized to the model's input, as in training."""
@@ -102,7 +108,7 @@ def slice_probs(model, spec: dict, image: np.ndarray, zs: list[int], device: tor
     transforms = tta_transforms(spec) if tta else [(False, 1.0)]
     for i in range(0, len(zs), batch):
         bz = zs[i : i + batch]
-        x = _stack(image, bz, spec["context"])
+        x = _stack(image, bz, spec["context"], stride)
         if x.shape[-1] != size_in:
             x = F.interpolate(x, size=(size_in, size_in), mode="bilinear", align_corners=False)
         p = _probs(model, x, device, amp, transforms)
@@ -121,7 +127,8 @@ def _gaussian(patch: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def tile_probs(model, spec: dict, image: np.ndarray, zs: list[int], region, device: torch.device,
-               batch: int = default("predict.batch_size"), amp: bool = True, tta: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
+               batch: int = default("predict.batch_size"), amp: bool = True, tta: bool = False, stride: int = 1
+               ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Fixed-scale crop model (B): yield (slice indices, probabilities (n, K, h, w)) over ``region`` (r0, r1, c0, c1)
     of the stored grid, from ``patch`` x ``patch`` tiles at stride patch / 2 with Gaussian weights.  The stored
     grid is never rescaled, so B sees every case at the same pixel scale whatever the liver's size."""
@@ -133,7 +140,7 @@ def tile_probs(model, spec: dict, image: np.ndarray, zs: list[int], region, devi
     transforms = tta_transforms(spec) if tta else [(False, 1.0)]
     for i in range(0, len(zs), batch):
         bz = zs[i : i + batch]
-        x = _stack(image, bz, spec["context"])
+        x = _stack(image, bz, spec["context"], stride)
         acc = torch.zeros((len(bz), spec["classes"], h, w))
         cnt = torch.zeros((h, w))
         for rr, cc in origins:
@@ -147,58 +154,100 @@ def tile_probs(model, spec: dict, image: np.ndarray, zs: list[int], region, devi
         yield bz, acc / cnt
 
 
+def sequence_windows(n: int, t: int, stride: int = 1) -> list[list[int]]:
+    """V3's windows over ``n`` slices: sequences of ``t`` slices ``stride`` apart (a fixed distance in mm), one
+    set per residue class z mod stride so every slice is in a window; within a class consecutive windows, the
+    last flush with the class's end (its last slice repeated when the class is shorter than ``t``)."""
+    out = []
+    for r in range(min(stride, n)):
+        zs = list(range(r, n, stride))
+        m = len(zs)
+        starts = list(range(0, max(m - t, 0) + 1, t))
+        if starts[-1] + t < m:
+            starts.append(m - t)
+        out += [[zs[min(j, m - 1)] for j in range(s0, s0 + t)] for s0 in starts]
+    return out
+
+
 @torch.inference_mode()
-def segment_sequences(model, spec: dict, image: np.ndarray, device: torch.device, out_shape=None, batch: int = 2,
-                      amp: bool = True) -> Iterator[tuple[list[int], np.ndarray]]:
-    """V3: consecutive windows of ``seq_len`` slices (the last one flush with the end), labels per slice."""
+def segment_sequences(model, spec: dict, image: np.ndarray, device: torch.device, batch: int = 2,
+                      amp: bool = True, stride: int = 1) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """V3: yield (slice indices, probabilities (n, K, S, S) on the stored grid) over sequence_windows; every
+    slice exactly once (the first window that holds it)."""
     n, s = image.shape[0], image.shape[-1]
     t, size_in = spec["seq_len"], spec["input_size"]
-    out_shape = out_shape or (s, s)
-    starts = list(range(0, max(n - t, 0) + 1, t))
-    if starts[-1] + t < n:
-        starts.append(n - t)
+    windows_all = sequence_windows(n, t, stride)
     done = set()
-    for i in range(0, len(starts), batch):
-        windows = [[min(z, n - 1) for z in range(z0, z0 + t)] for z0 in starts[i : i + batch]]
-        x = torch.stack([_stack(image, w, spec["context"]) for w in windows])  # (B, T, C, S, S)
+    for i in range(0, len(windows_all), batch):
+        windows = windows_all[i : i + batch]
+        x = torch.stack([_stack(image, w, spec["context"], stride) for w in windows])  # (B, T, C, S, S)
         b = x.shape[0]
         if size_in != s:
             x = F.interpolate(x.flatten(0, 1), size=(size_in, size_in), mode="bilinear", align_corners=False)
             x = x.view(b, t, -1, size_in, size_in)
         with autocast(device, amp):
             p = torch.softmax(model(x.to(device)).float(), dim=2).cpu().flatten(0, 1)
-        if tuple(p.shape[-2:]) != tuple(out_shape):
-            p = F.interpolate(p, size=out_shape, mode="bilinear", align_corners=False)
-        lab = p.argmax(dim=1).to(torch.uint8).numpy()
+        if p.shape[-1] != s:
+            p = F.interpolate(p, size=(s, s), mode="bilinear", align_corners=False)
         zs = [z for w in windows for z in w]
         keep = [j for j, z in enumerate(zs) if z not in done and not done.add(z)]
-        yield [zs[j] for j in keep], lab[keep]
+        if keep:
+            yield [zs[j] for j in keep], p[keep]
 
 
 @torch.inference_mode()
-def sliding_window_3d(model, spec: dict, image: np.ndarray, device: torch.device, amp: bool = True) -> np.ndarray:
-    """V1: class probabilities (3, Z, S, S) float16 from overlapping patches (stride half a patch), averaged."""
+def sliding_window_3d(model, spec: dict, image: np.ndarray, device: torch.device, amp: bool = True,
+                      stride: int = 1) -> np.ndarray:
+    """V1: class probabilities (3, Z, S, S) float16 from overlapping patches (stride half a patch), averaged.
+    A patch's slices are ``stride`` apart (its depth is fixed in mm); each residue class z mod stride is its own
+    sub-volume, so every slice is predicted."""
     d, p = spec["patch"]
     n, h, w = image.shape
-    acc = np.zeros((3, n, h, w), np.float32)
-    cnt = np.zeros((n, h, w), np.float32)
-    for z0 in patch_grid(n, d):
-        for r0 in patch_grid(h, p):
-            for c0 in patch_grid(w, p):
-                src = image[z0 : z0 + d, r0 : r0 + p, c0 : c0 + p].astype(np.float32)
-                x = np.zeros((d, p, p), np.float32)
-                x[: src.shape[0], : src.shape[1], : src.shape[2]] = src
-                with autocast(device, amp):
-                    prob = torch.softmax(model(torch.from_numpy(x)[None, None].to(device)).float(), dim=1)[0]
-                prob = prob.cpu().numpy()[:, : src.shape[0], : src.shape[1], : src.shape[2]]
-                acc[:, z0 : z0 + src.shape[0], r0 : r0 + src.shape[1], c0 : c0 + src.shape[2]] += prob
-                cnt[z0 : z0 + src.shape[0], r0 : r0 + src.shape[1], c0 : c0 + src.shape[2]] += 1
-    return (acc / cnt).astype(np.float16)
+    out = np.zeros((3, n, h, w), np.float16)
+    for r in range(min(stride, n)):
+        sub = image[r::stride]
+        m = sub.shape[0]
+        acc = np.zeros((3, m, h, w), np.float32)
+        cnt = np.zeros((m, h, w), np.float32)
+        for z0 in patch_grid(m, d):
+            for r0 in patch_grid(h, p):
+                for c0 in patch_grid(w, p):
+                    src = sub[z0 : z0 + d, r0 : r0 + p, c0 : c0 + p].astype(np.float32)
+                    x = np.zeros((d, p, p), np.float32)
+                    x[: src.shape[0], : src.shape[1], : src.shape[2]] = src
+                    with autocast(device, amp):
+                        prob = torch.softmax(model(torch.from_numpy(x)[None, None].to(device)).float(), dim=1)[0]
+                    prob = prob.cpu().numpy()[:, : src.shape[0], : src.shape[1], : src.shape[2]]
+                    acc[:, z0 : z0 + src.shape[0], r0 : r0 + src.shape[1], c0 : c0 + src.shape[2]] += prob
+                    cnt[z0 : z0 + src.shape[0], r0 : r0 + src.shape[1], c0 : c0 + src.shape[2]] += 1
+        out[:, r::stride] = (acc / cnt).astype(np.float16)
+    return out
 
 
-def resize_probs_to_slices(probs: np.ndarray, zs: list[int], out_shape) -> np.ndarray:
-    """(3, Z, S, S) probabilities -> uint8 labels (len(zs), *out_shape) via bilinear resize then argmax."""
-    p = torch.from_numpy(probs[:, zs].astype(np.float32)).permute(1, 0, 2, 3)
-    if tuple(p.shape[-2:]) != tuple(out_shape):
-        p = F.interpolate(p, size=out_shape, mode="bilinear", align_corners=False)
-    return p.argmax(dim=1).to(torch.uint8).numpy()
+def volume_probs(probs: np.ndarray, zs: list[int]) -> torch.Tensor:
+    """Slices ``zs`` of (K, Z, S, S) whole-volume probabilities (V1) as (n, K, S, S) float32."""
+    return torch.from_numpy(probs[:, zs].astype(np.float32)).permute(1, 0, 2, 3)
+
+
+def to_source_grid(probs: torch.Tensor, attrs: dict) -> torch.Tensor:
+    """Class probabilities (n, K, S, S) on the stored grid -> (n, K, H, W) on the scan's own canonical in-plane
+    grid (H = y, W = x): the placement on the grid is undone (pixels the grid cut off are background), then the
+    resampled slice is interpolated back to the scan's pixels (bilinear on probabilities, never label copies),
+    the exact inverse of preprocessing's forward path.  The argmax is the caller's, on the returned grid."""
+    nx, ny = (int(v) for v in attrs["canonical_shape"][:2])
+    size = probs.shape[-1]
+    if "resampled_shape" not in attrs:  # files from before the millimetre plan: the slice filled the grid
+        rshape, offset = (size, size), (0, 0)
+    else:
+        rshape = tuple(int(v) for v in attrs["resampled_shape"])
+        offset = tuple(int(v) for v in attrs["offset"])
+    if rshape == (size, size) and offset == (0, 0):
+        canvas = probs
+    else:
+        dst, src = placement(size, offset, rshape)
+        canvas = torch.zeros((probs.shape[0], probs.shape[1], *rshape), dtype=probs.dtype)
+        canvas[:, 0] = 1.0
+        canvas[(slice(None), slice(None), *src)] = probs[(slice(None), slice(None), *dst)]
+    if tuple(canvas.shape[-2:]) != (ny, nx):
+        canvas = F.interpolate(canvas, size=(ny, nx), mode="bilinear", align_corners=False)
+    return canvas

@@ -15,12 +15,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from liverseg.cascade import USE_B, cascade_batches, gate_slices, liver_region, run_a
 from liverseg.config import default
 from liverseg.errors import CaseError, ConfigError
-from liverseg.inference import classify, resize_probs_to_slices, segment_sequences, sliding_window_3d
+from liverseg.inference import (case_stride, classify, segment_sequences, sliding_window_3d, to_source_grid,
+                                volume_probs)
 from liverseg.io import Geometry, atomic_path, save_nifti_like
 from liverseg.models import ModelFileError, load_ensemble, resolve_device
 from liverseg.roles import MODES
@@ -43,14 +43,17 @@ def read_case(h5_path, case: str):
 
 
 def check_compatible(spec: dict, attrs: dict, model_path) -> None:
-    """A model only applies to slices made with the same window and slice size it was trained on."""
+    """A model only applies to slices made with the window, slice size and mm per pixel it was trained on."""
     w = spec["window"]
-    got = (attrs["window_mode"], float(attrs["window_lower"]), float(attrs["window_upper"]), int(attrs["size"]))
-    want = (w["mode"], float(w["lower"]), float(w["upper"]), int(spec["slice_size"]))
+    mm = attrs.get("spacing_mm")
+    got = (attrs["window_mode"], float(attrs["window_lower"]), float(attrs["window_upper"]), int(attrs["size"]),
+           round(float(mm), 4) if mm is not None else None)
+    want = (w["mode"], float(w["lower"]), float(w["upper"]), int(spec["slice_size"]),
+            round(float(spec["spacing_mm"]), 4) if spec.get("spacing_mm") else None)
     if got != want:
         raise ModelFileError(
-            f"model {model_path} was trained on slices (window mode, lower, upper, size) = {want} but case "
-            f"{attrs['case_id']} was preprocessed with {got}; preprocess again or use matching models"
+            f"model {model_path} was trained on slices (window mode, lower, upper, size, mm per pixel) = {want} "
+            f"but case {attrs['case_id']} was preprocessed with {got}; preprocess again or use matching models"
         )
 
 
@@ -93,6 +96,7 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
         check_compatible(loaded[role][1], attrs, paths[0])
     nx, ny, nz = (int(v) for v in attrs["canonical_shape"])
     size = int(attrs["size"])
+    z_mm = float(attrs["slice_spacing"]) if "slice_spacing" in attrs else None
     vol = np.zeros((nx, ny, nz), np.uint8)
     scores = np.full(nz, np.nan, np.float32)
     codes = np.ones(nz, np.int8)
@@ -100,25 +104,25 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
     summary = {"case": case, "mode": mode, "slices": nz}
 
     def put(zs, probs):
-        if tuple(probs.shape[-2:]) != (ny, nx):
-            probs = F.interpolate(probs, size=(ny, nx), mode="bilinear", align_corners=False)
+        """Stored-grid probabilities of slices ``zs`` -> labels on the scan's own grid (to_source_grid)."""
+        probs = to_source_grid(probs, attrs)
         vol[:, :, zs] = np.transpose(probs.argmax(dim=1).to(torch.uint8).numpy(), (2, 1, 0))
 
     if mode == "v1_3dcnn":
         model, spec = loaded["v1_3dcnn"]
-        probs = sliding_window_3d(model, spec, image, dev, amp=amp)
+        probs = sliding_window_3d(model, spec, image, dev, amp=amp, stride=case_stride(spec, z_mm))
         for z0 in range(0, nz, batch):
             zs = list(range(z0, min(nz, z0 + batch)))
-            vol[:, :, zs] = np.transpose(resize_probs_to_slices(probs, zs, (ny, nx)), (2, 1, 0))
+            put(zs, volume_probs(probs, zs))
         del probs
     elif mode == "v3_convlstm":
         model, spec = loaded["v3_convlstm"]
-        for zs, lab in segment_sequences(model, spec, image, dev, out_shape=(ny, nx), amp=amp):
-            vol[:, :, zs] = np.transpose(lab, (2, 1, 0))
+        for zs, p in segment_sequences(model, spec, image, dev, amp=amp, stride=case_stride(spec, z_mm)):
+            put(zs, p)
     else:
         model_a, spec_a = loaded["model_a"]
         tta_a = bool(_choice(tta, spec_a, "tta", False))
-        a = run_a(model_a, spec_a, image, dev, batch=batch, amp=amp, tta=tta_a)
+        a = run_a(model_a, spec_a, image, dev, batch=batch, amp=amp, tta=tta_a, stride=case_stride(spec_a, z_mm))
         summary["tta_a"] = tta_a
         region = None
         if mode == "cascade":
@@ -126,7 +130,7 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
             model_b, spec_b = loaded["model_b"]
             g = _choice(gate, spec_b, "gate", "route")
             tta_b = bool(_choice(tta, spec_b, "tta", False))
-            scores = classify(clf, spec_c, image, dev, amp=amp)
+            scores = classify(clf, spec_c, image, dev, amp=amp, stride=case_stride(spec_c, z_mm))
             present, region, zrange = liver_region(a.labels, int(spec_b["crop_margin"]), int(spec_b["z_margin"]),
                                                    int(spec_b["patch_size"]))
             if region is None:
@@ -134,7 +138,7 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
             codes = gate_slices(scores, float(spec_c["threshold"]), present, zrange, g)
             summary.update(gate=g, tta_b=tta_b, threshold=float(spec_c["threshold"]), region=region, z_range=zrange)
             for zs, probs in cascade_batches(image, a, codes, region, model_b, spec_b, dev, batch=batch, amp=amp,
-                                             tta=tta_b):
+                                             tta=tta_b, stride=case_stride(spec_b, z_mm)):
                 put(zs, probs)
         else:
             for z0 in range(0, nz, batch):
@@ -170,8 +174,8 @@ def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: st
                  connectivity: int = default("postprocess.connectivity"), gate: str = default("predict.gate")) -> dict:
     """Segment one scan (NIfTI file or DICOM series folder) with trained models; write a label NIfTI.
 
-    The scan is preprocessed with the window and slice size the models were trained with (read from
-    model_a/model.json), segmented, and post-processed (largest 3D liver component) unless told otherwise.
+    The scan is preprocessed with the window, slice size and mm per pixel the models were trained with (read
+    from model_a/model.json), segmented, and post-processed (largest 3D liver component) unless told otherwise.
     """
     import json
     import tempfile
@@ -189,7 +193,7 @@ def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: st
     with tempfile.TemporaryDirectory(prefix="liverseg-") as tmp:
         h5 = Path(tmp) / "case.h5"
         preprocess_case(case, in_path, h5, lower=w["lower"], upper=w["upper"], mode=w["mode"],
-                        size=int(spec["slice_size"]))
+                        size=int(spec["slice_size"]), spacing_mm=spec.get("spacing_mm"))
         raw = Path(tmp) / "raw.nii.gz"
         s = predict_case(case, h5, models_in(model_dir, mode), raw if postprocess else out_path, mode=mode,
                          device=device, tta=tta, batch=batch, gate=gate)

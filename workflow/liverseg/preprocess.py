@@ -1,11 +1,19 @@
-"""HU windowing and slice extraction of one case into one HDF5 file.
+"""HU windowing, in-plane resampling to the plan's mm per pixel and slice extraction of one case into one HDF5.
+
+Each slice is resampled to ``spacing_mm`` (bilinear with antialiasing; labels nearest with every lesion kept)
+and placed on a ``size`` x ``size`` grid with the body's centre in the middle (nnU-Net's resampling, in-plane
+only: slices keep their z positions, and models that look across slices pick neighbours by distance in mm,
+geometry.z_stride).  Prediction undoes the placement and the resampling on class probabilities
+(inference.to_source_grid) before the argmax on the scan's own grid.
 
 HDF5 layout (one file per case; documented in the README):
   image           (Z, H, W) float16 in [0, 1], one slice per chunk (compression optional: none | lzf | gzip)
   label           (Z, H, W) uint8 {0,1,2}, same chunks (only for labelled cases)
   liver_present   (Z,) bool;   tumour_present (Z,) bool
   attrs: case_id, source_image, source_label, original_shape, spacing (original axes), canonical_spacing,
-         affine, ornt, axcodes, window_mode, window_lower, window_upper, size, liver_bbox_3d
+         affine, ornt, axcodes, window_mode, window_lower, window_upper, size, spacing_mm (target mm per pixel),
+         stored_spacing (exact, rows/cols), resampled_shape, offset (where the resampled slice sits on the grid),
+         fov_mm, slice_spacing (mm, z), liver_bbox_3d
          [z0, z1, r0, r1, c0, c1] or -1s, labelled, pipeline_version, source_image_sha256,
          source_label_sha256 (what training's resume key hashes)
 Z runs inferior -> superior in the canonical RAS grid; slice z is ``canonical[:, :, z].T``.
@@ -22,7 +30,7 @@ from scipy import ndimage
 
 from liverseg import __version__
 from liverseg.errors import CaseError
-from liverseg.geometry import bbox
+from liverseg.geometry import bbox, centring_offset, placement, resampled_shape
 from liverseg.config import default
 from liverseg.ingest import load_validated
 from liverseg.io import atomic_path, content_sha256
@@ -57,20 +65,43 @@ def window_study_v2(hu_slice: np.ndarray) -> np.ndarray:
     return (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
 
 
-def resize_slab(slab: np.ndarray, size: int, is_label: bool = False) -> np.ndarray:
-    """Resize (n, H, W) slices to (n, size, size): bilinear with antialiasing for images, nearest for labels."""
+def resize_slab(slab: np.ndarray, shape_hw, is_label: bool = False) -> np.ndarray:
+    """Resample (n, H, W) slices to (n, *shape_hw): bilinear with antialiasing for images, nearest for labels
+    (every lesion kept: keep_lesions).  An int ``shape_hw`` means square."""
+    if isinstance(shape_hw, (int, np.integer)):
+        shape_hw = (int(shape_hw), int(shape_hw))
     n, h, w = slab.shape
-    if (h, w) == (size, size):
+    if (h, w) == tuple(shape_hw):
         return slab
     import torch  # only when resizing: importing torch alone costs ~0.5 GB of RSS
     import torch.nn.functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(slab))[:, None]
     if is_label:
-        out = F.interpolate(t.float(), size=(size, size), mode="nearest-exact").to(torch.uint8)[:, 0].numpy()
+        out = F.interpolate(t.float(), size=tuple(shape_hw), mode="nearest-exact").to(torch.uint8)[:, 0].numpy()
         return keep_lesions(slab, out)
-    out = F.interpolate(t.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    out = F.interpolate(t.float(), size=tuple(shape_hw), mode="bilinear", align_corners=False, antialias=True)
     return out[:, 0].numpy()
+
+
+def body_centre(can: np.ndarray, slope: float, inter: float, threshold_hu: float = -500.0) -> tuple[float, float]:
+    """(row, col) of the body's centre on a slice (H = canonical y, W = canonical x): the middle of the bounding
+    box of the largest connected region above ``threshold_hu`` in the slices' projection (the table and the
+    arms are smaller or detached; air is not body).  The image centre when nothing is above the threshold."""
+    nx, ny, nz = can.shape
+    # raw * slope + inter > threshold  <=>  raw > (threshold - inter) / slope: compare in the stored dtype.
+    cut = (threshold_hu - inter) / slope if slope else -np.inf
+    count = np.zeros((nx, ny), np.int32)
+    for z0 in range(0, nz, SLAB):
+        blk = can[:, :, z0 : z0 + SLAB]
+        count += (blk > cut).sum(axis=2, dtype=np.int32) if slope > 0 else (blk < cut).sum(axis=2, dtype=np.int32)
+    mask = count.T >= max(1, nz // 4)  # (H, W): body on at least a quarter of the slices
+    lab, k = ndimage.label(mask)
+    if k == 0:
+        return (ny - 1) / 2, (nx - 1) / 2
+    big = 1 + int(np.argmax(ndimage.sum_labels(mask, lab, index=np.arange(1, k + 1))))
+    r, c = bbox(lab == big)
+    return (r.start + r.stop - 1) / 2, (c.start + c.stop - 1) / 2
 
 
 def keep_lesions(src: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -97,6 +128,14 @@ def keep_lesions(src: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- one case
+def stored_grid(geom_spacing_xy, shape_xy, size: int, spacing_mm: float | None) -> float:
+    """The in-plane mm per stored pixel: the plan's target, or (None) whatever fits the scan's field of view in
+    ``size`` pixels without distorting it (the widest axis fills the grid)."""
+    if spacing_mm:
+        return float(spacing_mm)
+    return max(float(n) * float(s) for n, s in zip(shape_xy, geom_spacing_xy)) / float(size)
+
+
 def preprocess_case(
     case: str,
     image_path,
@@ -105,11 +144,14 @@ def preprocess_case(
     lower: float = default("window.lower"),
     upper: float = default("window.upper"),
     mode: str = default("window.mode"),
-    size: int = default("slices.size"),
+    size: int = 128,
+    spacing_mm: float | None = None,
     affine_tolerance: float = default("ingest.affine_tolerance"),
     compression: str = default("slices.compression"),
 ) -> dict:
-    """Validate one case, window it, resize it and write its HDF5 atomically.  Returns a short summary."""
+    """Validate one case, window it, resample its slices to ``spacing_mm`` mm per pixel (the plan's target; None:
+    fit the field of view into ``size``), place the body's centre at the centre of the ``size`` x ``size`` stored
+    grid and write the HDF5 atomically.  Slices are never resampled along z.  Returns a short summary."""
     if mode not in WINDOW_MODES:
         raise ValueError(f"unknown window mode {mode!r}; choose one of {WINDOW_MODES}")
     if not upper > lower:
@@ -120,6 +162,16 @@ def preprocess_case(
     can_lab = geom.to_canonical(lab_raw) if lab_raw is not None else None
     nx, ny, nz = can.shape
     cs = geom.canonical_spacing
+    target = stored_grid(cs[:2], (nx, ny), size, spacing_mm)
+    rshape = resampled_shape((ny, nx), (cs[1], cs[0]), target)  # (rows = y, cols = x)
+    centre = body_centre(can, slope, inter)
+    centre_r = (centre[0] + 0.5) * rshape[0] / ny - 0.5, (centre[1] + 0.5) * rshape[1] / nx - 0.5
+    offset = centring_offset(size, centre_r, rshape)
+    dst, src = placement(size, offset, rshape)
+    cut = [max(0, -int(o)) + max(0, int(o) + int(n) - size) for o, n in zip(offset, rshape)]
+    if any(cut):
+        log.warning("case %s: the stored %d-pixel grid at %.3g mm (%.0f mm) cuts %d rows and %d columns of the "
+                    "resampled scan around the body", case, size, target, size * target, *cut)
 
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as h5:
         # Image compression is optional: lzf saves ~3x disk on CT (air windows to exactly 0) but costs about a
@@ -143,9 +195,13 @@ def preprocess_case(
                 win = window_fixed(slab, lower, upper)
             else:
                 win = np.stack([window_study_v2(s) for s in slab])
-            d_img[z0:z1] = resize_slab(win, size).astype(np.float16)
+            out = np.zeros((z1 - z0, size, size), np.float16)  # 0 = at or below the window: air
+            out[(slice(None), *dst)] = resize_slab(win, rshape)[(slice(None), *src)]
+            d_img[z0:z1] = out
             if d_lab is not None:
-                ls = resize_slab(np.transpose(can_lab[:, :, z0:z1], (2, 1, 0)), size, is_label=True)
+                ls = np.zeros((z1 - z0, size, size), np.uint8)
+                ls[(slice(None), *dst)] = resize_slab(np.transpose(can_lab[:, :, z0:z1], (2, 1, 0)), rshape,
+                                                      is_label=True)[(slice(None), *src)]
                 d_lab[z0:z1] = ls
                 liver_present[z0:z1] = (ls >= 1).any(axis=(1, 2))
                 tumour_present[z0:z1] = (ls == 2).any(axis=(1, 2))
@@ -171,6 +227,14 @@ def preprocess_case(
         a["window_lower"] = float(lower)
         a["window_upper"] = float(upper)
         a["size"] = int(size)
+        # The stored grid in mm: ``spacing_mm`` nominal (what models are matched on), the exact mm per pixel of
+        # the resampled slice (rounding its pixel count), and where it sits on the grid (what prediction undoes).
+        a["spacing_mm"] = float(target)
+        a["stored_spacing"] = np.array([ny * cs[1] / rshape[0], nx * cs[0] / rshape[1]])
+        a["resampled_shape"] = np.array(rshape, np.int64)
+        a["offset"] = np.array(offset, np.int64)
+        a["fov_mm"] = float(size * target)
+        a["slice_spacing"] = float(cs[2])
         a["liver_bbox_3d"] = np.array(bbox3d, np.int64)
         a["pipeline_version"] = __version__
         a["source_image_sha256"] = content_sha256(image_path)
@@ -182,6 +246,9 @@ def preprocess_case(
         "tumour_slices": int(tumour_present.sum()),
         "labelled": label_path is not None,
         "axcodes": geom.axcodes,
+        "spacing_mm": [round(float(v), 4) for v in cs],
+        "stored_mm_per_pixel": round(float(target), 4),
+        "stored_fov_mm": round(float(size * target), 1),
     }
     if label_path is not None and not liver_present.any():
         log.warning("case %s: the label holds no liver", case)

@@ -42,9 +42,11 @@ from liverseg import models as M
 from liverseg.errors import ConfigError
 from liverseg.cascade import PooledDice, b_counts, prepare_val_case
 from liverseg.data import (LiverPatchDataset, PatchDataset, SequenceDataset, SliceDataset, augment, epoch_draws,
+                           sequence_slices,
                            index_cases)
 from liverseg.geometry import patch_grid
-from liverseg.inference import classify, resize_probs_to_slices, segment_sequences, slice_probs, sliding_window_3d
+from liverseg.inference import (case_stride, classify, segment_sequences, slice_probs, sliding_window_3d,
+                                volume_probs)
 from liverseg.inference import tta_transforms
 from liverseg.config import default, training_view
 from liverseg.io import atomic_path, content_sha256
@@ -65,24 +67,36 @@ def resume_key(cfg: dict, role: str, train_cases: list, val_cases: list, needs: 
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _mm_per_pixel(cases, input_size: int | None) -> dict:
-    """In-plane mm per pixel of the stored slices and at the model's input (median, min, max over cases)."""
-    vals = []
-    for c in cases:
-        with h5py.File(c.path, "r") as f:
-            sp, shp, size = f.attrs["canonical_spacing"], f.attrs["canonical_shape"], int(f.attrs["size"])
-        fov = max(float(sp[0]) * int(shp[0]), float(sp[1]) * int(shp[1]))
-        vals.append(fov / (input_size or size))
-    if not vals:
+def stored_grid(cases) -> dict:
+    """The stored grid every training case shares (slice size, mm per pixel) and the context distance in mm:
+    ``slices.context_mm`` or, when auto, the median slice spacing of the cases (what the plan reports).  Cases
+    preprocessed on different grids cannot train one model: that is a one-line error."""
+    grids = {(c.size, round(float(c.identity.get("spacing_mm") or 0), 6)) for c in cases}
+    if len(grids) > 1:
+        raise ConfigError(f"training cases were preprocessed on different grids (size, mm per pixel): {sorted(grids)}; "
+                          "preprocess them again with one plan")
+    size, mm = grids.pop()
+    return {"slice_size": int(size), "spacing_mm": float(mm) or None,
+            "median_slice_spacing": float(np.median([c.z_mm for c in cases])) if cases else None}
+
+
+def _mm_per_pixel(spec: dict) -> dict:
+    """In-plane mm per pixel of the stored slices and at the model's input."""
+    mm = spec.get("spacing_mm")
+    if not mm:
         return {}
-    return {"median": round(float(np.median(vals)), 4), "min": round(float(min(vals)), 4),
-            "max": round(float(max(vals)), 4)}
+    scale = spec["slice_size"] / spec["input_size"] if spec["role"] != "model_b" else 1.0
+    return {"stored": round(mm, 4), "input": round(mm * scale, 4)}
 
 
-def make_spec(cfg: dict, role: str) -> dict:
+def make_spec(cfg: dict, role: str, grid: dict) -> dict:
+    """The model file's spec; ``grid`` is the training cases' stored grid (stored_grid)."""
     m = cfg["train"][role]
     kind = ROLES[role]["kind"]
     context = 0 if kind == "unet3d" else cfg["slices"]["context"]
+    size = int(grid["slice_size"])
+    cmm = cfg["slices"]["context_mm"]
+    context_mm = float(cmm) if cmm not in (None, "auto") else grid["median_slice_spacing"]
     spec = {
         "role": role,
         "kind": kind,
@@ -94,15 +108,17 @@ def make_spec(cfg: dict, role: str) -> dict:
         "in_channels": 2 * context + 1,
         "context": context,
         "classes": 1 if role == "classifier" else 3,
-        "input_size": m.get("input_size") or cfg["slices"]["size"],
-        "slice_size": cfg["slices"]["size"],
+        "input_size": m.get("input_size") or size,
+        "slice_size": size,
+        "spacing_mm": grid["spacing_mm"],
+        "context_mm": round(float(context_mm), 4) if context_mm else None,
         "window": dict(cfg["window"]),
         "augment": dict(cfg["train"]["augment"]),
         "pipeline_version": __version__,
     }
     if role == "model_b":
         # B works on the stored grid at a fixed scale: its input is a patch of it, never a resized crop.
-        spec["patch_size"] = min(int(m["patch_size"]), int(cfg["slices"]["size"]))
+        spec["patch_size"] = min(int(m["patch_size"]), size)
         spec["input_size"] = spec["patch_size"]
         spec["crop_margin"] = int(m["crop_margin"])
         spec["z_margin"] = int(m["z_margin"])
@@ -113,7 +129,7 @@ def make_spec(cfg: dict, role: str) -> dict:
         spec["seq_len"] = m["seq_len"]
     if kind == "unet3d":
         spec["channels_3d"] = list(m["channels_3d"])
-        spec["patch"] = [m["patch_depth"], min(m["patch_size"], cfg["slices"]["size"])]
+        spec["patch"] = [m["patch_depth"], min(m["patch_size"], size)]
         spec["input_size"] = spec["patch"][1]
     return spec
 
@@ -153,25 +169,30 @@ def _items_and_groups(cases, role: str, spec: dict):
     items, liver, other, tumour = [], [], [], []
     if role == "v3_convlstm":
         t = spec["seq_len"]
-        for k, c in enumerate(cases):
-            for z0 in range(max(c.n_slices - t, 0) + 1):
+        for k, c in enumerate(cases):  # sequences of t slices c.stride apart (sequence_slices)
+            for z0 in range(max(c.n_slices - (t - 1) * c.stride, 1)):
+                zs = sequence_slices(z0, c.n_slices, t, c.stride)
                 i = len(items)
                 items.append((k, z0))
-                (liver if c.liver[z0 : z0 + t].any() else other).append(i)
-                if c.tumour[z0 : z0 + t].any():
+                (liver if c.liver[zs].any() else other).append(i)
+                if c.tumour[zs].any():
                     tumour.append(i)
         return items, liver, other, tumour
     if role == "v1_3dcnn":
         d, p = spec["patch"]
         for k, c in enumerate(cases):
             _, _, br0, br1, bc0, bc1 = (int(v) for v in c.bbox3d)
-            for z0 in patch_grid(c.n_slices, d):
-                for r0 in patch_grid(c.size, p):
-                    for c0 in patch_grid(c.size, p):
-                        i = len(items)
-                        items.append((k, z0, r0, c0))
-                        hit = c.liver[z0 : z0 + d].any() and r0 < br1 and br0 < r0 + p and c0 < bc1 and bc0 < c0 + p
-                        (liver if hit else other).append(i)
+            st = c.stride  # a patch's d slices are st apart: the residue classes z mod st tile the volume
+            for res in range(min(st, c.n_slices)):
+                for j0 in patch_grid(len(range(res, c.n_slices, st)), d):
+                    z0 = res + j0 * st
+                    zl = c.liver[z0 : z0 + (d - 1) * st + 1 : st]
+                    for r0 in patch_grid(c.size, p):
+                        for c0 in patch_grid(c.size, p):
+                            i = len(items)
+                            items.append((k, z0, r0, c0))
+                            hit = zl.any() and r0 < br1 and br0 < r0 + p and c0 < bc1 and bc0 < c0 + p
+                            (liver if hit else other).append(i)
         return items, liver, other, tumour
     for k, c in enumerate(cases):
         if role == "model_b":
@@ -209,6 +230,11 @@ def _sampling(role: str, m: dict, liver, other, tumour, n_items: int):
 
 
 # ---------------------------------------------------------------------------------------------- validation
+def _z_mm(path) -> float:
+    with h5py.File(path, "r") as f:
+        return float(f.attrs["slice_spacing"])
+
+
 def _read(path, label: bool = True):
     with h5py.File(path, "r") as f:
         return f["image"][:], (f["label"][:] if label else None)
@@ -218,15 +244,17 @@ def _volume_counts(model, spec, role, path, device, amp, tta=False) -> np.ndarra
     """Pooled counts of one validation case segmented by a whole-volume model, on the stored grid."""
     image, label = _read(path)
     n, size = image.shape[0], image.shape[-1]
+    stride = case_stride(spec, _z_mm(path))
     pred = np.zeros_like(label)
     if role == "v3_convlstm":
-        for bz, lab in segment_sequences(model, spec, image, device, amp=amp):
-            pred[bz] = lab
+        for bz, p in segment_sequences(model, spec, image, device, amp=amp, stride=stride):
+            pred[bz] = p.argmax(dim=1).to(torch.uint8).numpy()
     elif role == "v1_3dcnn":
-        probs = sliding_window_3d(model, spec, image, device, amp=amp)
-        pred = resize_probs_to_slices(probs, list(range(n)), label.shape[1:])
+        probs = sliding_window_3d(model, spec, image, device, amp=amp, stride=stride)
+        pred = volume_probs(probs, list(range(n))).argmax(dim=1).to(torch.uint8).numpy()
     else:
-        for bz, p in slice_probs(model, spec, image, list(range(n)), device, amp=amp, tta=tta, out_size=size):
+        for bz, p in slice_probs(model, spec, image, list(range(n)), device, amp=amp, tta=tta, out_size=size,
+                                 stride=stride):
             pred[bz] = p.argmax(dim=1).to(torch.uint8).numpy()
     return PooledDice.of(pred, label).counts
 
@@ -242,7 +270,7 @@ def validate(model, spec, role, val_cases, device, amp, ctx: dict | None = None)
         scores, truth = [], []
         for c in val_cases:
             image, _ = _read(c.path, label=False)
-            scores.append(classify(model, spec, image, device, amp=amp))
+            scores.append(classify(model, spec, image, device, amp=amp, stride=case_stride(spec, c.z_mm)))
             truth.append(c.liver.astype(bool))
         s, t = np.concatenate(scores), np.concatenate(truth)
         thr, bacc = sensitivity_threshold(s, t, ctx["min_sensitivity"])
@@ -382,11 +410,12 @@ def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, che
     val_cases = index_cases([str(p) for p in val_h5])
     if not val_cases:
         log.warning("%s: no validation cases; the last epoch is kept", role)
-    spec = make_spec(cfg, role)
+    spec = make_spec(cfg, role, stored_grid(train_cases + val_cases))
+    for c in train_cases + val_cases:
+        c.stride = case_stride(spec, c.z_mm)
     key = resume_key(cfg, role, train_cases, val_cases, needs)
     spec["config_hash"] = key
-    spec["mm_per_pixel_stored"] = _mm_per_pixel(train_cases, None)
-    spec["mm_per_pixel_input"] = _mm_per_pixel(train_cases, None if role == "model_b" else spec["input_size"])
+    spec["mm_per_pixel"] = _mm_per_pixel(spec)
     items, liver, other, tumour = _items_and_groups(train_cases, role, spec)
     if not items or (role != "model_b" and not liver):
         raise ValueError(f"{role}: the training cases hold no {'liver ' if role != 'classifier' else ''}slices to learn from")

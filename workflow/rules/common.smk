@@ -65,6 +65,9 @@ def existing_inputs(wildcards):
     return {k: v for k, v in paths.items() if from_phantom or os.path.exists(v)}
 
 
+PLAN = f"{R}/plan/plan.json"
+
+
 def h5(case):
     return f"{R}/preprocess/{case}.h5"
 

@@ -1,6 +1,27 @@
+rule plan:
+    input:
+        split=f"{R}/split/split.json",
+        checks=[check_file(c) for c in CASES],
+    output:
+        PLAN,
+    log:
+        f"{R}/logs/plan/plan.log",
+    params:
+        spacing=config["slices"]["spacing_mm"],
+        fov=config["slices"]["fov_mm"],
+        context=config["slices"]["context_mm"],
+    localrule: True
+    conda:
+        "../../envs/imaging.yaml"
+    shell:
+        "python -m liverseg plan --split {input.split:q} --checks {input.checks:q} --spacing-mm {params.spacing}"
+        " --size {params.size} --fov-mm {params.fov} --context-mm {params.context} {output:q} > {log:q} 2>&1"
+
+
 rule preprocess:
     input:
         unpack(existing_inputs),
+        plan=PLAN,
     output:
         f"{R}/preprocess/{{case}}.h5",
     log:
@@ -11,7 +32,6 @@ rule preprocess:
         lower=config["window"]["lower"],
         upper=config["window"]["upper"],
         mode=config["window"]["mode"],
-        size=config["slices"]["size"],
         tol=config["ingest"]["affine_tolerance"],
     resources:
         # A storage choice, not a content choice: as a resource (not a rerun trigger) a change applies to cases
@@ -24,5 +44,5 @@ rule preprocess:
         "../../envs/imaging.yaml"
     shell:
         "python -m liverseg preprocess --case {wildcards.case:q} --image {params.image:q} {params.label}"
-        " --lower {params.lower} --upper {params.upper} --mode {params.mode} --size {params.size}"
+        " --lower {params.lower} --upper {params.upper} --mode {params.mode} --plan {input.plan:q}"
         " --affine-tolerance {params.tol} --compression {resources.compression} {output:q} > {log:q} 2>&1"
