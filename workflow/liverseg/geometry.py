@@ -107,16 +107,10 @@ def placement(size: int, offset, shape_hw) -> tuple[tuple[slice, slice], tuple[s
     return tuple(dst), tuple(src)
 
 
-def centring_offset(size: int, centre_rc, shape_hw) -> tuple[int, int]:
-    """Offset that puts the resampled pixel ``centre_rc`` (the body's centre) at the stored grid's centre.  When
-    the whole resampled slice fits, it is kept inside the grid (nothing of the scan is cut for nothing)."""
-    out = []
-    for c, n in zip(centre_rc, shape_hw):
-        off = int(round(size / 2 - float(c)))
-        if n <= size:
-            off = min(max(off, 0), size - int(n))
-        out.append(off)
-    return tuple(out)
+def centring_offset(size: int, centre_rc) -> tuple[int, int]:
+    """Offset that puts the resampled pixel ``centre_rc`` (the body's centre) at the stored grid's centre, so
+    every case shows the body in the same place; what falls outside the grid is beyond the planned field of view."""
+    return tuple(int(round(size / 2 - 0.5 - float(c))) for c in centre_rc)
 
 
 def z_stride(context_mm: float | None, z_mm: float | None) -> int:

@@ -84,10 +84,10 @@ def resize_slab(slab: np.ndarray, shape_hw, is_label: bool = False) -> np.ndarra
     return out[:, 0].numpy()
 
 
-def body_centre(can: np.ndarray, slope: float, inter: float, threshold_hu: float = -500.0) -> tuple[float, float]:
-    """(row, col) of the body's centre on a slice (H = canonical y, W = canonical x): the middle of the bounding
-    box of the largest connected region above ``threshold_hu`` in the slices' projection (the table and the
-    arms are smaller or detached; air is not body).  The image centre when nothing is above the threshold."""
+def body_box(can: np.ndarray, slope: float, inter: float, threshold_hu: float = -500.0) -> tuple[float, ...]:
+    """(r0, r1, c0, c1) pixel bounds of the body on a slice (H = canonical y, W = canonical x): the bounding box
+    of the largest connected region above ``threshold_hu`` in the slices' projection (the table and the arms are
+    smaller or detached; air is not body).  The whole slice when nothing is above the threshold."""
     nx, ny, nz = can.shape
     # raw * slope + inter > threshold  <=>  raw > (threshold - inter) / slope: compare in the stored dtype.
     cut = (threshold_hu - inter) / slope if slope else -np.inf
@@ -98,10 +98,10 @@ def body_centre(can: np.ndarray, slope: float, inter: float, threshold_hu: float
     mask = count.T >= max(1, nz // 4)  # (H, W): body on at least a quarter of the slices
     lab, k = ndimage.label(mask)
     if k == 0:
-        return (ny - 1) / 2, (nx - 1) / 2
+        return 0, ny, 0, nx
     big = 1 + int(np.argmax(ndimage.sum_labels(mask, lab, index=np.arange(1, k + 1))))
     r, c = bbox(lab == big)
-    return (r.start + r.stop - 1) / 2, (c.start + c.stop - 1) / 2
+    return r.start, r.stop, c.start, c.stop
 
 
 def keep_lesions(src: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -164,14 +164,14 @@ def preprocess_case(
     cs = geom.canonical_spacing
     target = stored_grid(cs[:2], (nx, ny), size, spacing_mm)
     rshape = resampled_shape((ny, nx), (cs[1], cs[0]), target)  # (rows = y, cols = x)
-    centre = body_centre(can, slope, inter)
-    centre_r = (centre[0] + 0.5) * rshape[0] / ny - 0.5, (centre[1] + 0.5) * rshape[1] / nx - 0.5
-    offset = centring_offset(size, centre_r, rshape)
+    # The body's box in resampled pixels (edges scale with the pixel count); its centre goes to the grid's centre.
+    r0, r1, c0, c1 = (e * rshape[i // 2] / (ny, nx)[i // 2] for i, e in enumerate(body_box(can, slope, inter)))
+    offset = centring_offset(size, ((r0 + r1) / 2 - 0.5, (c0 + c1) / 2 - 0.5))
     dst, src = placement(size, offset, rshape)
-    cut = [max(0, -int(o)) + max(0, int(o) + int(n) - size) for o, n in zip(offset, rshape)]
-    if any(cut):
-        log.warning("case %s: the stored %d-pixel grid at %.3g mm (%.0f mm) cuts %d rows and %d columns of the "
-                    "resampled scan around the body", case, size, target, size * target, *cut)
+    cut = [max(0.0, -(a0 + o)) + max(0.0, a1 + o - size) for a0, a1, o in ((r0, r1, offset[0]), (c0, c1, offset[1]))]
+    if max(cut) >= 1:
+        log.warning("case %s: the body is wider than the stored field of view (%d pixels at %.3g mm = %.0f mm): "
+                    "%.0f rows and %.0f columns of it are cut", case, size, target, size * target, *cut)
 
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as h5:
         # Image compression is optional: lzf saves ~3x disk on CT (air windows to exactly 0) but costs about a
