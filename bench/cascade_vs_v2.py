@@ -57,19 +57,25 @@ def train_models(wd: Path, cfg: dict, seed: int, extra: dict | None = None) -> P
     return wd / "results" / "train"
 
 
-def make_test_cases(out: Path, n: int, cfg: dict) -> list[tuple[str, Path, Path, Path]]:
+def make_test_cases(out: Path, n: int, cfg: dict, models: Path | None = None) -> list[tuple[str, Path, Path, Path]]:
+    """The unseen phantom cases; with ``models``, preprocessed on the grid those models were trained on (their
+    plan's size and mm per pixel, from model_a/model.json), as `liverseg predict` does for a new scan."""
     out.mkdir(parents=True, exist_ok=True)
     ph = cfg["dataset"]["phantom"]
-    spec = PhantomSpec(size=ph["size"], slices=ph["slices"])
+    spec = PhantomSpec(preset=ph["preset"], size=ph["size"], slices=ph["slices"], max_tumours=ph["max_tumours"])
+    grid = json.loads((models / "model_a" / "model.json").read_text()) if models else None
+    sub = out / (f"{grid['slice_size']}px_{grid['spacing_mm']}mm" if grid else "nifti")
+    sub.mkdir(exist_ok=True)
     cases = []
     for i in range(n):
         seed = TEST_DATASET_SEED * 1000 + i
-        img, lab, h5 = out / f"volume-{seed}.nii.gz", out / f"segmentation-{seed}.nii.gz", out / f"{seed}.h5"
-        if not h5.exists():
+        img, lab, h5 = out / f"volume-{seed}.nii.gz", out / f"segmentation-{seed}.nii.gz", sub / f"{seed}.h5"
+        if not img.exists():
             write_case(seed, img, lab, spec)
+        if grid and not h5.exists():
             w = cfg["window"]
             preprocess_case(str(seed), img, h5, label_path=lab, lower=w["lower"], upper=w["upper"], mode=w["mode"],
-                            size=cfg["slices"]["size"])
+                            size=int(grid["slice_size"]), spacing_mm=grid["spacing_mm"])
         cases.append((str(seed), img, lab, h5))
     return cases
 
@@ -153,6 +159,7 @@ def main():
     pooled = {v: {} for v in variants}
     for seed in a.seeds:
         models = train_models(out / f"seed{seed}", cfg, seed)
+        cases = make_test_cases(out / "test_cases", a.cases, cfg, models)
         sel = {r: json.loads((models / r / "model.json").read_text()).get("selection", {}) for r in ("model_a", "model_b")}
         print(f"## training seed {seed}: chosen on validation: A tta={sel['model_a'].get('tta')}, "
               f"B gate={sel['model_b'].get('gate')} tta={sel['model_b'].get('tta')}", flush=True)
@@ -169,7 +176,7 @@ def main():
                   f"[95% CI {lo:+.4f}, {hi:+.4f}]", flush=True)
         if a.shift_ablation:
             m0 = train_models(out / f"seed{seed}_oracle", cfg, seed, {"box_shift": 0})
-            rows = run_variant(m0, cases, out / f"seed{seed}_oracle" / "pred", "cascade")
+            rows = run_variant(m0, make_test_cases(out / "test_cases", a.cases, cfg, m0), out / f"seed{seed}_oracle" / "pred", "cascade")
             print(f"seed {seed} V4 with B trained on oracle boxes (box_shift 0): {fmt(summary(rows))}", flush=True)
             m, lo, hi = paired(v4, rows, "tumour")
             print(f"seed {seed} shifted - oracle boxes, tumour Dice per tumour case: {m:+.4f} [{lo:+.4f}, {hi:+.4f}]")

@@ -21,6 +21,7 @@ import torch
 
 from liverseg.data import SliceDataset, index_cases
 from liverseg.phantom import PhantomSpec, write_case
+from liverseg.plan import spacing_to_fit
 from liverseg.preprocess import preprocess_case
 
 
@@ -59,10 +60,12 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         paths = []
         for i in range(a.cases):
-            img, lab = Path(d) / f"v{i}.nii.gz", Path(d) / f"s{i}.nii.gz"
-            write_case(i, img, lab, PhantomSpec(size=a.size, slices=a.slices))
+            write_case(i, Path(d) / f"v{i}.nii.gz", Path(d) / f"s{i}.nii.gz", PhantomSpec(size=a.size, slices=a.slices))
+        mm = spacing_to_fit([Path(d) / f"v{i}.nii.gz" for i in range(a.cases)], a.size)  # one grid, as a plan gives
+        for i in range(a.cases):
             paths.append(str(Path(d) / f"{i}.h5"))
-            preprocess_case(str(i), img, paths[-1], label_path=lab, size=a.size)
+            preprocess_case(str(i), Path(d) / f"v{i}.nii.gz", paths[-1], label_path=Path(d) / f"s{i}.nii.gz",
+                            size=a.size, spacing_mm=mm)
         cases = index_cases(paths)
         items = [(k, z) for k, c in enumerate(cases) for z in range(c.n_slices)]
         rng = np.random.default_rng(0)

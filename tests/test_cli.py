@@ -66,7 +66,7 @@ def test_cli_defaults_are_the_schema_defaults(monkeypatch):
     fake["train"].update(threads=7, device="cpu", workers=3)
     fake["predict"].update(device="cpu", tta="false", gate="suppress", batch_size=5, threads=6)
     fake["postprocess"].update(connectivity=6, min_lesion_mm3=12.5, fill_holes=True)
-    fake["dataset"]["phantom"].update(size=77, slices=33, max_tumours=2)
+    fake["dataset"]["phantom"].update(size=77, slices=33, max_tumours=2, preset="lits")
     monkeypatch.setattr(config, "_DEFAULTS", fake)
     cmds = build_parser()._subparsers._group_actions[0].choices
 
@@ -86,8 +86,8 @@ def test_cli_defaults_are_the_schema_defaults(monkeypatch):
     assert {k: defaults("postprocess")[k] for k in ("connectivity", "min_lesion_mm3", "fill_holes")} == {
         "connectivity": 6, "min_lesion_mm3": 12.5, "fill_holes": True}
     assert defaults("check")["affine_tolerance"] == defaults("evaluate-case")["affine_tolerance"] == 0.123
-    assert {k: defaults("phantom")[k] for k in ("size", "slices", "max_tumours")} == {
-        "size": 77, "slices": 33, "max_tumours": 2}
+    assert {k: defaults("phantom")[k] for k in ("size", "slices", "max_tumours", "preset")} == {
+        "size": 77, "slices": 33, "max_tumours": 2, "preset": "lits"}
 
 
 def test_a_bad_config_value_is_one_line_naming_the_key(tmp_path):

@@ -5,6 +5,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import torch
+
+from liverseg.geometry import placement
+from liverseg.inference import to_source_grid
 from liverseg.io import geometry_of, save_nifti_like
 from liverseg.preprocess import preprocess_case
 
@@ -26,10 +30,17 @@ def test_real_case_hdf5_matches_source(tmp_path, case, folder, native):
         assert f["image"].shape[0] == lab_can.shape[2] == s["slices"]
         assert np.array_equal(f["liver_present"][:], (lab_can >= 1).any(axis=(0, 1)))
         assert np.array_equal(f["tumour_present"][:], (lab_can == 2).any(axis=(0, 1)))
-        # at native size the stored label is the canonical label, slice by slice (H = y, W = x)
-        assert np.array_equal(f["label"][:], np.transpose(lab_can, (2, 1, 0)))
-        stored = np.transpose(f["label"][:], (2, 1, 0))
-        assert np.allclose(f.attrs["affine"], img.affine)
+        # at the native mm per pixel the stored label is the canonical label (H = y, W = x), moved so that the
+        # body's centre is the grid's centre: no pixel is resampled
+        a = dict(f.attrs)
+        assert tuple(a["resampled_shape"]) == (native, native)
+        dst, src = placement(native, a["offset"], (native, native))
+        want = np.zeros_like(f["label"][:])
+        want[(slice(None), *dst)] = np.transpose(lab_can, (2, 1, 0))[(slice(None), *src)]
+        assert np.array_equal(f["label"][:], want)
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(f["label"][:].astype(np.int64)), 3).permute(0, 3, 1, 2)
+        stored = np.transpose(to_source_grid(onehot.float(), a).argmax(dim=1).numpy().astype(np.uint8), (2, 1, 0))
+        assert np.allclose(a["affine"], img.affine)
     save_nifti_like(stored, g, tmp_path / "back.nii.gz")
     back = nib.load(tmp_path / "back.nii.gz")
     assert np.array_equal(np.asanyarray(back.dataobj), np.asanyarray(lab.dataobj).astype(np.uint8))

@@ -170,7 +170,11 @@ def _copy_case(paths, out_dir, label_edit=None):
         nib.save(nib.Nifti1Image(arr, im.affine, im.header), str(lab))
     out = dict(paths)
     out["0"] = str(out_dir / "0.h5")
-    preprocess_case("0", src_img, out["0"], label_path=lab, size=32)
+    import h5py
+
+    with h5py.File(paths["0"]) as f:  # the tiny dataset's shared grid
+        mm = float(f.attrs["spacing_mm"])
+    preprocess_case("0", src_img, out["0"], label_path=lab, size=32, spacing_mm=mm)
     return out
 
 

@@ -54,7 +54,9 @@ def _config_json(text: str) -> dict:
 def _cmd_phantom(a):
     from liverseg.phantom import PhantomSpec, write_case
 
-    write_case(a.seed, a.image, a.label, PhantomSpec(size=a.size, slices=a.slices, max_tumours=a.max_tumours))
+    auto = [None if v == "auto" else int(v) for v in (a.size, a.slices)]
+    write_case(a.seed, a.image, a.label, PhantomSpec(preset=a.preset, size=auto[0], slices=auto[1],
+                                                     max_tumours=a.max_tumours))
 
 
 def _cmd_show_config(a):
@@ -190,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("phantom", help="write one synthetic CT case (volume + segmentation NIfTI)")
     s.add_argument("--seed", type=int, required=True)
-    s.add_argument("--size", type=int, default=D("dataset.phantom.size"))
-    s.add_argument("--slices", type=int, default=D("dataset.phantom.slices"))
+    s.add_argument("--preset", choices=["demo", "lits"], default=D("dataset.phantom.preset"))
+    s.add_argument("--size", default=D("dataset.phantom.size"), help="in-plane matrix, or auto (from the preset)")
+    s.add_argument("--slices", default=D("dataset.phantom.slices"), help="number of slices, or auto (from the preset)")
     s.add_argument("--max-tumours", type=int, default=D("dataset.phantom.max_tumours"))
     s.add_argument("image")
     s.add_argument("label")

@@ -21,7 +21,9 @@ from liverseg.metrics import case_metrics
 COLUMNS = [
     "case", "class", "dice", "jaccard", "voe", "rvd", "assd", "mssd", "hd95", "pred_ml", "ref_ml",
     "pred_voxels", "ref_voxels", "overlap_voxels", "ref_lesions", "pred_lesions", "detected", "lesion_precision", "lesion_recall", "lesion_f1", "tumour_burden_error",
+    "spacing_mm", "fov_mm",
 ]
+TEXT = ("case", "class", "spacing_mm", "fov_mm")  # columns that are not numbers
 
 
 def evaluate_case(case: str, pred_path, ref_path, out_tsv,
@@ -34,7 +36,10 @@ def evaluate_case(case: str, pred_path, ref_path, out_tsv,
         raise CaseError(case, "prediction affine differs from the reference affine; was it written on another grid?")
     pred, ref = read_labels(pred_img), read_labels(ref_img)
     spacing = tuple(float(v) for v in ref_img.header.get_zooms()[:3])
-    rows = [{"case": case, **r} for r in case_metrics(pred, ref, spacing)]
+    # The scan's voxel size and extent (stored axis order), reported beside every metric of the case.
+    geo = {"spacing_mm": "x".join(f"{v:.3g}" for v in spacing),
+           "fov_mm": "x".join(f"{n * v:.0f}" for n, v in zip(ref_img.shape[:3], spacing))}
+    rows = [{"case": case, **r, **geo} for r in case_metrics(pred, ref, spacing)]
     write_rows(rows, out_tsv)
     return rows
 
@@ -59,7 +64,7 @@ def read_rows(path) -> list[dict]:
     out = []
     with open(path, newline="") as fh:
         for r in csv.DictReader(fh, delimiter="\t"):
-            out.append({k: (v if k in ("case", "class") else (float(v) if v not in ("",) else None)) for k, v in r.items()})
+            out.append({k: (v if k in TEXT else (float(v) if v not in ("",) else None)) for k, v in r.items()})
     return out
 
 
@@ -82,7 +87,7 @@ def aggregate(rows: list[dict]) -> dict:
     out = {}
     for cls in ("liver", "tumour"):
         cr = [r for r in rows if r["class"] == cls]
-        block = {m: _stats([r[m] for r in cr]) for m in COLUMNS[2:] if m not in COUNTS}
+        block = {m: _stats([r[m] for r in cr]) for m in COLUMNS[2:] if m not in COUNTS and m not in TEXT}
         total = sum(r["pred_voxels"] + r["ref_voxels"] for r in cr)
         block["dice_global"] = (2 * sum(r["overlap_voxels"] for r in cr) / total) if total else None
         block["cases"] = len(cr)
@@ -102,7 +107,9 @@ def aggregate_files(case_tsvs: list[str], out_tsv, out_json, extra: dict | None 
         rows.extend(read_rows(p))
     rows.sort(key=lambda r: (r["case"], r["class"]))
     write_rows(rows, out_tsv)
-    summary = {"aggregate": aggregate(rows), "cases": sorted({r["case"] for r in rows}), **(extra or {})}
+    geometry = {r["case"]: {k: r.get(k) or "" for k in ("spacing_mm", "fov_mm")} for r in rows}
+    summary = {"aggregate": aggregate(rows), "cases": sorted({r["case"] for r in rows}), "geometry": geometry,
+               **(extra or {})}
     with atomic_path(out_json) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -58,6 +58,17 @@ def case_window(h5_path, case: str) -> tuple[float, float]:
         raise CaseError(case, f"cannot read the window of preprocessed file {h5_path}: {exc}") from None
 
 
+def _stored_grid(h5_path) -> str:
+    """What the models saw of the case: the stored grid's mm per pixel and field of view (HDF5 attributes)."""
+    import h5py
+
+    with h5py.File(h5_path, "r") as f:
+        a = f.attrs
+        if "spacing_mm" not in a:
+            return ""
+        return f"; models saw it at {float(a['spacing_mm']):.3g} mm per pixel, {float(a['fov_mm']):.0f} mm field of view"
+
+
 def overlay_case(case: str, image_path, ref_path, pred_path, h5_path, out_png, title="") -> None:
     """CT | reference | prediction at three slices, contours (not filled), aspect ratio from the voxel spacing,
     grey levels in the case's own HU window."""
@@ -69,7 +80,8 @@ def overlay_case(case: str, image_path, ref_path, pred_path, h5_path, out_png, t
     ct = geom.to_canonical(raw)
     ref = geom.to_canonical(read_labels(load_nifti(ref_path, case, "label")))
     pred = geom.to_canonical(read_labels(load_nifti(pred_path, case, "prediction")))
-    sx, sy, _ = geom.canonical_spacing
+    sx, sy, sz = geom.canonical_spacing
+    stored = _stored_grid(h5_path)
     rows = pick_slices(ref, pred)
     fig, axes = plt.subplots(len(rows), 3, figsize=(10.5, 3.6 * len(rows)))
     for r, (what, z) in enumerate(rows):
@@ -87,8 +99,10 @@ def overlay_case(case: str, image_path, ref_path, pred_path, h5_path, out_png, t
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{name} - {what}, slice {z}" if c == 0 else name, fontsize=9)
-    fig.suptitle(f"case {case} {title}  (green: liver, red: tumour; radiological view: patient right on the left)",
-                 fontsize=10)
+    nx, ny, _ = ct.shape
+    fig.suptitle(f"case {case} {title}  (green: liver, red: tumour; radiological view: patient right on the left)\n"
+                 f"voxels {sx:.3g} x {sy:.3g} x {sz:.3g} mm, field of view {nx * sx:.0f} x {ny * sy:.0f} mm"
+                 f"{stored}", fontsize=10)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
@@ -155,6 +169,12 @@ def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], 
         "reports liver Dice 0.9717 (V2) and 0.9720 (V4) on an 80/51 re-split of LiTS; the best published LiTS",
         "per-case Dice is 0.963 (liver) and 0.739 (tumour).",
     ]
+    geometry = next((s["geometry"] for s in summaries.values() if s.get("geometry")), {})
+    if geometry:
+        lines += ["", "Test cases (voxel spacing and field of view of each scan, in its stored axis order; models see",
+                  "every scan resampled to the plan's mm per pixel, `results/plan/plan.json`):", "",
+                  "| case | voxel spacing (mm) | field of view (mm) |", "|---|---|---|"]
+        lines += [f"| {c} | {g['spacing_mm']} | {g['fov_mm']} |" for c, g in sorted(geometry.items())]
     if skipped:
         lines += ["", f"Predict-only cases (no reference label, not evaluated): {', '.join(skipped)}"]
     if failed:

@@ -6,6 +6,7 @@ rule make_phantom:
         f"{R}/logs/ingest/phantom-{{case}}.log",
     params:
         seed=lambda wc: config["dataset"]["phantom"]["seed"] * 1000 + int(wc.case),
+        preset=config["dataset"]["phantom"]["preset"],
         size=config["dataset"]["phantom"]["size"],
         slices=config["dataset"]["phantom"]["slices"],
         max_tumours=config["dataset"]["phantom"]["max_tumours"],
@@ -16,7 +17,7 @@ rule make_phantom:
     conda:
         "../../envs/imaging.yaml"
     shell:
-        "python -m liverseg phantom --seed {params.seed} --size {params.size} --slices {params.slices}"
+        "python -m liverseg phantom --seed {params.seed} --preset {params.preset} --size {params.size} --slices {params.slices}"
         " --max-tumours {params.max_tumours} {output.image:q} {output.label:q} > {log:q} 2>&1"
 
 
