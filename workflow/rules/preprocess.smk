@@ -8,6 +8,7 @@ rule plan:
         f"{R}/logs/plan/plan.log",
     params:
         spacing=config["slices"]["spacing_mm"],
+        size=config["slices"]["size"],
         fov=config["slices"]["fov_mm"],
         context=config["slices"]["context_mm"],
     localrule: True
