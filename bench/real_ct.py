@@ -72,12 +72,15 @@ def overlay(image: nib.Nifti1Image, pred: nib.Nifti1Image, ref: nib.Nifti1Image 
     r = np.asanyarray(nib.as_closest_canonical(ref).dataobj) if ref is not None else None
     zs = np.linspace(0, img.shape[2] - 1, 3).round().astype(int) if img.shape[2] > 3 else range(img.shape[2])
     fig, axes = plt.subplots(1, len(zs), figsize=(4 * len(zs), 4.3))
+    def view(a2):  # canonical RAS slice -> radiological display: anterior up, patient's right on the left
+        return a2.T[:, ::-1]
+
     for ax, z in zip(np.atleast_1d(axes), zs):
-        ax.imshow(np.clip((img[:, :, z].T + 150) / 400, 0, 1), cmap="gray", origin="lower")
+        ax.imshow(np.clip((view(img[:, :, z]) + 150) / 400, 0, 1), cmap="gray", origin="lower")
         if r is not None:
-            ax.contour((r[:, :, z] >= 1).T, levels=[0.5], colors="lime", linewidths=1.0, origin="lower")
-        ax.contour((p[:, :, z] >= 1).T, levels=[0.5], colors="red", linewidths=1.0, origin="lower")
-        ax.contour((p[:, :, z] == 2).T, levels=[0.5], colors="yellow", linewidths=1.0, origin="lower")
+            ax.contour(view(r[:, :, z] >= 1), levels=[0.5], colors="lime", linewidths=1.0, origin="lower")
+        ax.contour(view(p[:, :, z] >= 1), levels=[0.5], colors="red", linewidths=1.0, origin="lower")
+        ax.contour(view(p[:, :, z] == 2), levels=[0.5], colors="yellow", linewidths=1.0, origin="lower")
         ax.set_title(f"slice {z}", fontsize=9)
         ax.axis("off")
     fig.suptitle(title + "\n(red: prediction liver, yellow: prediction tumour, green: reference liver; "

@@ -47,6 +47,10 @@ def test_metrics_use_the_reference_spacing(tmp_path):
     a = _case(tmp_path, "s", (0.5, 0.5, 4.0), np.arange(100), np.arange(100))
     (liver,) = [r for r in read_rows(a) if r["class"] == "liver"]
     assert liver["ref_ml"] == pytest.approx(100 * 0.5 * 0.5 * 4 / 1000) and liver["dice"] == 1.0
+    # the scan's spacing and field of view travel with its rows and into the summary (the report's case table)
+    assert liver["spacing_mm"] == "0.5x0.5x4" and liver["fov_mm"] == "5x5x40"
+    s = aggregate_files([a], tmp_path / "pc.tsv", tmp_path / "s.json")
+    assert s["geometry"] == {"s": {"spacing_mm": "0.5x0.5x4", "fov_mm": "5x5x40"}}
 
 
 def test_a_prediction_on_another_grid_is_refused(tmp_path):

@@ -3,6 +3,7 @@
 import json
 
 import matplotlib.axes
+import matplotlib.figure
 import numpy as np
 import pytest
 
@@ -25,10 +26,22 @@ def test_overlay_shows_the_window_the_case_was_preprocessed_with(tiny_case, tmp_
         return real(self, *a, **k)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy)
+    titles = []
+    real_title = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **k: titles.append(t) or real_title(self, t, **k))
     out = tmp_path / "o.png"
     overlay_case("1", img, lab, lab, h5, out, title="t")
     assert out.stat().st_size > 5000
     assert seen and set(seen) == {(-60.0, 140.0)}
+    # the picture says how the scan was sampled and what the models saw
+    import h5py
+    import nibabel as nib
+
+    sx, sy, sz = nib.as_closest_canonical(nib.load(img)).header.get_zooms()[:3]
+    with h5py.File(h5) as f:
+        mm, fov = float(f.attrs["spacing_mm"]), float(f.attrs["fov_mm"])
+    assert f"voxels {sx:.3g} x {sy:.3g} x {sz:.3g} mm" in titles[0]
+    assert f"models saw it at {mm:.3g} mm per pixel, {fov:.0f} mm field of view" in titles[0]
 
 
 def _summary(tmp_path, exp, stage, dice_pairs):
@@ -64,4 +77,5 @@ def test_summarize_reads_experiment_and_stage_from_each_summary(tmp_path):
     assert cells[8].startswith("0.7000 ± ")
     assert "| V4 cascade: classifier + UNet++ A/B, gated, + CCA | not run |" in md
     assert "`9`: case 9: broken" in md
+    assert "| 1 | 1x1x1 | 6x6x6 |" in md and "| 2 | 1x1x1 | 6x6x6 |" in md  # each test case's spacing and FOV
     assert (tmp_path / "d.png").stat().st_size > 5000
