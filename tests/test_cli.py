@@ -75,8 +75,8 @@ def test_cli_defaults_are_the_schema_defaults(monkeypatch):
 
     assert {k: defaults("preprocess")[k] for k in ("lower", "upper", "mode", "compression", "affine_tolerance")} == {
         "lower": -77.0, "upper": 177.0, "mode": "study_v2", "compression": "gzip", "affine_tolerance": 0.123}
-    assert {k: defaults("plan")[k] for k in ("spacing_mm", "size", "fov_mm", "context_mm")} == {
-        "spacing_mm": 1.5, "size": 99, "fov_mm": 300.0, "context_mm": 4.0}
+    assert {k: defaults("plan")[k] for k in ("spacing_mm", "size", "fov_mm")} == {
+        "spacing_mm": 1.5, "size": 99, "fov_mm": 300.0}
     assert {k: defaults("split")[k] for k in ("seed", "test_fraction", "val_fraction", "folds", "fold")} == {
         "seed": 5, "test_fraction": 0.31, "val_fraction": 0.17, "folds": 3, "fold": 2}
     assert {k: defaults("train")[k] for k in ("threads", "device", "workers")} == {"threads": 7, "device": "cpu",

@@ -16,7 +16,7 @@ import yaml
 from conftest import ROOT, TINY_TRAIN
 
 TINY = {
-    "slices": {"size": 32, "context": 1},
+    "slices": {"size": 32, "spacing_mm": 15.0, "context": 1},  # 480 mm: every phantom body fits
     "split": {"seed": 0, "test_fraction": 0.25, "val_fraction": 0.2},
     "train": {**TINY_TRAIN, "model_a": {**TINY_TRAIN["model_a"], "epochs": 2, "samples_per_epoch": 16}},
     "experiments": ["v2_unetpp_cca"],

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 SMALL = {
     "dataset": {"source": "phantom", "phantom": {"n_cases": 4, "size": 48, "slices": 12, "seed": 3}},
-    "slices": {"size": 32, "context": 1},
+    "slices": {"size": 32, "spacing_mm": 15.0, "context": 1},  # 480 mm: every phantom body fits
     "split": {"seed": 0, "test_fraction": 0.25, "val_fraction": 0.34},
     "train": {**TINY_TRAIN, "model_a": {**TINY_TRAIN["model_a"], "epochs": 3, "samples_per_epoch": 32}},
     "experiments": ["v2_unetpp_cca"],

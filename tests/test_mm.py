@@ -138,11 +138,12 @@ def test_plan_uses_training_and_validation_headers_only():
     verdicts = [v("a", (0.7, 0.7, 1.0), (512, 512, 300)), v("b", (0.8, 0.8, 5.0), (512, 512, 60)),
                 v("c", (0.9, 0.9, 2.0), (512, 512, 100)), v("t", (3.0, 3.0, 9.0), (512, 512, 40))]
     plan = make_plan(verdicts, ["a", "b", "c"])
-    assert plan["spacing_mm"] == 0.8 and plan["slice_spacing_mm"] == 2.0 and plan["context_mm"] == 2.0
+    # context: the 90th percentile of 1, 2 and 5 mm slices (numpy's linear interpolation: 2 + 0.8 * 3 = 4.4)
+    assert plan["spacing_mm"] == 0.8 and plan["slice_spacing_mm"] == 2.0 and plan["context_mm_auto"] == 4.4
     assert plan["fov_mm"] >= 0.9 * 512 and plan["size"] % 32 == 0 and plan["size"] == 576  # 460.8 mm / 0.8 -> 576
     assert plan["cases"] == 3  # the test case "t" (3 mm, 1536 mm wide) changes nothing
-    fixed = make_plan(verdicts, ["a", "b", "c"], spacing_mm=1.5, size=256, context_mm=3.0)
-    assert (fixed["spacing_mm"], fixed["size"], fixed["fov_mm"], fixed["context_mm"]) == (1.5, 256, 384.0, 3.0)
+    fixed = make_plan(verdicts, ["a", "b", "c"], spacing_mm=1.5, size=256)
+    assert (fixed["spacing_mm"], fixed["size"], fixed["fov_mm"]) == (1.5, 256, 384.0)
     with pytest.raises(ConfigError, match="no training or validation case"):
         make_plan(verdicts, ["zz"])
 
@@ -156,9 +157,14 @@ def test_models_at_another_mm_per_pixel_are_refused(tmp_path):
     check_compatible(spec, attrs, "m.pt")
     with pytest.raises(ModelFileError, match="mm per pixel"):
         check_compatible({**spec, "spacing_mm": 2.5}, attrs, "m.pt")
+    old = {k: v for k, v in spec.items() if k != "spacing_mm"}  # a model file from before the plan
+    with pytest.raises(ModelFileError, match="predates the millimetre plan"):
+        check_compatible(old, attrs, "m.pt")
 
 
 def test_plan_rule_output_is_what_preprocess_reads(tmp_path):
+    """plan.json as the rule writes it; a verdict from before verdicts carried header geometry is completed from
+    the image header named in the case table (an existing results/ keeps working)."""
     from liverseg.plan import read_plan, write_plan
 
     checks = []
@@ -167,6 +173,13 @@ def test_plan_rule_output_is_what_preprocess_reads(tmp_path):
         p.write_text(json.dumps({"case": str(i), "ok": True, "error": "", "canonical_spacing": sp,
                                  "canonical_shape": shape}))
         checks.append(p)
-    (tmp_path / "split.json").write_text(json.dumps({"train": ["0"], "val": ["1"], "test": [], "predict": []}))
-    write_plan(tmp_path / "split.json", checks, tmp_path / "plan.json")
-    assert read_plan(tmp_path / "plan.json") == {"spacing_mm": 0.7, "size": 608}  # 409.6 mm / 0.7 = 585.1 -> 608
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["0", "2"], "val": ["1"], "test": [], "predict": []}))
+    old = tmp_path / "2.json"
+    old.write_text(json.dumps({"case": "2", "ok": True, "error": ""}))  # an older verdict: no geometry
+    img = write_nifti(tmp_path / "v2.nii.gz", np.zeros((4, 1000, 3), np.int16), np.diag([0.9, 0.9, 5.0, 1.0]))
+    (tmp_path / "cases.tsv").write_text(f"case_id\timage\tlabel\n2\t{img}\t\n")
+    with pytest.raises(ConfigError):  # without the case table the old verdict cannot be planned with
+        write_plan(tmp_path / "split.json", [old], tmp_path / "p0.json")
+    plan = write_plan(tmp_path / "split.json", checks + [old], tmp_path / "plan.json", cases_tsv=tmp_path / "cases.tsv")
+    assert plan["cases"] == 3 and plan["largest_extent_mm"] == 900.0  # 1000 x 0.9 mm from the header
+    assert read_plan(tmp_path / "plan.json") == {"spacing_mm": 0.8, "size": 1152}  # 900 / 0.8 = 1125 -> 1152

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import pickle
 import signal
 import subprocess
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from liverseg import models as M
-from liverseg.errors import ModelFileError
+from liverseg.errors import ConfigError, ModelFileError
+from liverseg.preprocess import preprocess_case
 from liverseg.train import resume_key, soft_dice_loss
 
 from conftest import ROOT, fit, tiny_config
@@ -221,3 +223,57 @@ def test_changed_label_under_the_same_id_retrains(tiny_dataset, tmp_path, monkey
         assert expect in caplog.text
         epochs_now = len([r for r in caplog.records if '"train_loss"' in r.getMessage()])
         assert epochs_now == (1 if data is same else 2)  # resumed: the last epoch only; afresh: every epoch
+
+
+def test_context_in_mm_reaches_training_validation_and_prediction(tiny_dataset, tmp_path, monkeypatch):
+    """slices.context_mm is recorded in model.json and turned into the same slice stride, per case, by the
+    training data, validation and prediction (the tiny phantoms have thick slices: 45 mm is a stride > 1)."""
+    import h5py
+
+    import liverseg.data as D
+    import liverseg.inference as I
+    from liverseg import predict as P
+    from liverseg.geometry import z_stride
+    from liverseg.plan import context_distance
+
+    _, paths, split = tiny_dataset
+    z_mm = {c: float(h5py.File(paths[c]).attrs["slice_spacing"]) for c in paths}
+    want = {c: z_stride(45.0, z_mm[c]) for c in paths}
+    assert min(want.values()) > 1
+    seen = {"data": set(), "infer": set()}
+    real_ci = D.context_indices
+    monkeypatch.setattr(D, "context_indices", lambda z, n, c, stride=1: seen["data"].add(stride) or real_ci(z, n, c, stride))
+    real_stack = I._stack
+    monkeypatch.setattr(I, "_stack", lambda image, zs, c, stride=1: seen["infer"].add(stride) or real_stack(image, zs, c, stride))
+    cfg = tiny_config(slices={"context_mm": 45.0}, train={"model_a": {"epochs": 1}})
+    fit("model_a", paths, split, cfg, tmp_path / "a", tmp_path / "ck")
+    spec = json.loads((tmp_path / "a" / "model.json").read_text())
+    assert spec["context_mm"] == 45.0
+    assert spec["spacing_mm"] == pytest.approx(float(h5py.File(paths["0"]).attrs["spacing_mm"]), abs=1e-5)
+    assert seen["data"] == {want[c] for c in split["train"]}  # training samples
+    assert seen["infer"] == {want[c] for c in split["val"]}  # validation
+    seen["infer"].clear()
+    fit("classifier", paths, split, tiny_config(slices={"context_mm": 45.0}, train={"classifier": {"epochs": 1}}),
+        tmp_path / "c", tmp_path / "ckc")
+    assert seen["infer"] == {want[c] for c in split["val"]}  # the classifier's validation scores
+    seen["infer"].clear()
+    (tmp_path / "m" / "model_a").mkdir(parents=True)
+    for f in ("model.pt", "model.json"):
+        shutil.copy(tmp_path / "a" / f, tmp_path / "m" / "model_a" / f)
+    P.predict_case("3", paths["3"], P.models_in(tmp_path / "m", "model_a"), tmp_path / "p.nii.gz", mode="model_a",
+                   device="cpu", tta="false")
+    assert seen["infer"] == {want["3"]}
+    # auto: the figure the plan reports for the same cases
+    fit("model_a", paths, split, tiny_config(train={"model_a": {"epochs": 1}}), tmp_path / "b", tmp_path / "ck2")
+    auto = json.loads((tmp_path / "b" / "model.json").read_text())["context_mm"]
+    assert auto == context_distance([z_mm[c] for c in split["train"] + split["val"]])
+
+
+def test_cases_on_different_grids_cannot_train_one_model(tiny_dataset, tmp_path):
+    _, paths, split = tiny_dataset
+    root = os.path.dirname(paths["0"])
+    other = str(tmp_path / "0.h5")
+    preprocess_case("0", os.path.join(root, "volume-0.nii.gz"), other, label_path=os.path.join(root, "segmentation-0.nii.gz"),
+                    size=32, spacing_mm=19.0)
+    with pytest.raises(ConfigError, match="different grids"):
+        fit("model_a", {**paths, "0": other}, split, tiny_config(), tmp_path / "a", tmp_path / "ck")

@@ -14,7 +14,7 @@ from conftest import ROOT, TINY_TRAIN
 
 TINY = {
     "dataset": {"source": "phantom", "phantom": {"n_cases": 8, "size": 64, "slices": 24, "seed": 1}},
-    "slices": {"size": 48, "context": 1},
+    "slices": {"size": 48, "spacing_mm": 10.0, "context": 1},  # 480 mm: every phantom body fits
     "split": {"seed": 0, "test_fraction": 0.25, "val_fraction": 0.2},
     "train": {**TINY_TRAIN,
               "model_a": {**TINY_TRAIN["model_a"], "encoder_depth": 4, "decoder_channels": [32, 16, 8, 8],

@@ -100,7 +100,7 @@ def _cmd_plan(a):
     from liverseg.plan import write_plan
 
     print(json.dumps(write_plan(a.split, a.checks, a.out, _auto(a.spacing_mm), _auto(a.size, int),
-                                _auto(a.fov_mm), _auto(a.context_mm))))
+                                _auto(a.fov_mm), cases_tsv=a.cases)))
 
 
 def _auto(value, kind=float):
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spacing-mm", default=D("slices.spacing_mm"), help="auto or mm per pixel")
     s.add_argument("--size", default=D("slices.size"), help="auto or pixels")
     s.add_argument("--fov-mm", default=D("slices.fov_mm"), help="auto or mm")
-    s.add_argument("--context-mm", default=D("slices.context_mm"), help="auto or mm")
+    s.add_argument("--cases", help="the case table (`liverseg cases`): headers for verdicts that lack them")
     s.add_argument("out")
     s.set_defaults(func=_cmd_plan)
 

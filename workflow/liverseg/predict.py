@@ -42,8 +42,17 @@ def read_case(h5_path, case: str):
     return image, geom, attrs, label
 
 
+def require_mm(spec: dict, model_path) -> None:
+    """Models from before the millimetre plan saw slices squashed to their grid: no scan can be prepared as they
+    were trained, so they are refused with what to do, not with a grid mismatch."""
+    if not spec.get("spacing_mm"):
+        raise ModelFileError(f"model {model_path} predates the millimetre plan (its model.json has no spacing_mm); "
+                             "train it again (snakemake reruns the train rules)")
+
+
 def check_compatible(spec: dict, attrs: dict, model_path) -> None:
     """A model only applies to slices made with the window, slice size and mm per pixel it was trained on."""
+    require_mm(spec, model_path)
     w = spec["window"]
     mm = attrs.get("spacing_mm")
     got = (attrs["window_mode"], float(attrs["window_lower"]), float(attrs["window_upper"]), int(attrs["size"]),
@@ -189,6 +198,7 @@ def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: st
     if not spec_path.is_file():
         raise ModelFileError(f"model file missing: {spec_path}")
     spec = json.loads(spec_path.read_text())
+    require_mm(spec, spec_path)
     w = spec["window"]
     with tempfile.TemporaryDirectory(prefix="liverseg-") as tmp:
         h5 = Path(tmp) / "case.h5"

@@ -40,10 +40,10 @@ from tqdm import tqdm
 from liverseg import __version__
 from liverseg import models as M
 from liverseg.errors import ConfigError
+from liverseg.plan import context_distance
 from liverseg.cascade import PooledDice, b_counts, prepare_val_case
 from liverseg.data import (LiverPatchDataset, PatchDataset, SequenceDataset, SliceDataset, augment, epoch_draws,
-                           sequence_slices,
-                           index_cases)
+                           index_cases, sequence_slices)
 from liverseg.geometry import patch_grid
 from liverseg.inference import (case_stride, classify, segment_sequences, slice_probs, sliding_window_3d,
                                 volume_probs)
@@ -68,16 +68,17 @@ def resume_key(cfg: dict, role: str, train_cases: list, val_cases: list, needs: 
 
 
 def stored_grid(cases) -> dict:
-    """The stored grid every training case shares (slice size, mm per pixel) and the context distance in mm:
-    ``slices.context_mm`` or, when auto, the median slice spacing of the cases (what the plan reports).  Cases
-    preprocessed on different grids cannot train one model: that is a one-line error."""
+    """The stored grid every training case shares (slice size, mm per pixel) and the context distance that
+    ``slices.context_mm: auto`` gives on these cases (plan.context_distance, the figure plan.json reports as
+    ``context_mm_auto`` for the same training and validation cases).  Cases preprocessed on different grids
+    cannot train one model: that is a one-line error."""
     grids = {(c.size, round(float(c.identity.get("spacing_mm") or 0), 6)) for c in cases}
     if len(grids) > 1:
         raise ConfigError(f"training cases were preprocessed on different grids (size, mm per pixel): {sorted(grids)}; "
                           "preprocess them again with one plan")
     size, mm = grids.pop()
     return {"slice_size": int(size), "spacing_mm": float(mm) or None,
-            "median_slice_spacing": float(np.median([c.z_mm for c in cases])) if cases else None}
+            "context_mm_auto": context_distance([c.z_mm for c in cases]) if cases else None}
 
 
 def _mm_per_pixel(spec: dict) -> dict:
@@ -85,7 +86,8 @@ def _mm_per_pixel(spec: dict) -> dict:
     mm = spec.get("spacing_mm")
     if not mm:
         return {}
-    scale = spec["slice_size"] / spec["input_size"] if spec["role"] != "model_b" else 1.0
+    resized = spec["role"] not in ("model_b", "v1_3dcnn")  # B and V1 take crops of the stored grid
+    scale = spec["slice_size"] / spec["input_size"] if resized else 1.0
     return {"stored": round(mm, 4), "input": round(mm * scale, 4)}
 
 
@@ -96,7 +98,7 @@ def make_spec(cfg: dict, role: str, grid: dict) -> dict:
     context = 0 if kind == "unet3d" else cfg["slices"]["context"]
     size = int(grid["slice_size"])
     cmm = cfg["slices"]["context_mm"]
-    context_mm = float(cmm) if cmm not in (None, "auto") else grid["median_slice_spacing"]
+    context_mm = float(cmm) if cmm not in (None, "auto") else grid["context_mm_auto"]
     spec = {
         "role": role,
         "kind": kind,

@@ -2,6 +2,7 @@ rule plan:
     input:
         split=f"{R}/split/split.json",
         checks=[check_file(c) for c in CASES],
+        cases=f"{R}/ingest/cases.tsv",
     output:
         PLAN,
     log:
@@ -10,13 +11,12 @@ rule plan:
         spacing=config["slices"]["spacing_mm"],
         size=config["slices"]["size"],
         fov=config["slices"]["fov_mm"],
-        context=config["slices"]["context_mm"],
     localrule: True
     conda:
         "../../envs/imaging.yaml"
     shell:
         "python -m liverseg plan --split {input.split:q} --checks {input.checks:q} --spacing-mm {params.spacing}"
-        " --size {params.size} --fov-mm {params.fov} --context-mm {params.context} {output:q} > {log:q} 2>&1"
+        " --size {params.size} --fov-mm {params.fov} --cases {input.cases:q} {output:q} > {log:q} 2>&1"
 
 
 rule preprocess:
