@@ -86,3 +86,26 @@ def test_jobs_find_the_package_with_another_python(tmp_path):
                        env=clean)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "results/ingest/phantom/volume-0.nii.gz").exists()
+
+
+def test_imaging_env_commands_run_without_torch(tmp_path):
+    """envs/imaging.yaml has no PyTorch: every command its rules run must work with torch unimportable."""
+    fake = tmp_path / "notorch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch is not in the imaging environment')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), str(ROOT / "workflow")])}
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "liverseg", *map(str, args)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (args[0], r.stderr[-2000:])
+
+    assert subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True).returncode != 0
+    run("phantom", "--seed", 3, "--size", 48, "--slices", 12, "v.nii.gz", "s.nii.gz")
+    run("check", "--case", 3, "--image", "v.nii.gz", "--label", "s.nii.gz", "c.json")
+    (tmp_path / "split.json").write_text('{"train": ["3"], "val": [], "test": [], "predict": []}')
+    run("plan", "--split", "split.json", "--checks", "c.json", "--size", 64, "plan.json")
+    run("preprocess", "--case", 3, "--image", "v.nii.gz", "--label", "s.nii.gz", "--plan", "plan.json", "o.h5")
+    run("postprocess", "--case", 3, "s.nii.gz", "p.nii.gz")
+    run("evaluate-case", "--case", 3, "--pred", "p.nii.gz", "--ref", "s.nii.gz", "e.tsv")
+    run("overlay", "--case", 3, "--image", "v.nii.gz", "--ref", "s.nii.gz", "--pred", "p.nii.gz", "--h5", "o.h5", "o.png")

@@ -67,21 +67,28 @@ def window_study_v2(hu_slice: np.ndarray) -> np.ndarray:
 
 def resize_slab(slab: np.ndarray, shape_hw, is_label: bool = False) -> np.ndarray:
     """Resample (n, H, W) slices to (n, *shape_hw): bilinear with antialiasing for images, nearest for labels
-    (every lesion kept: keep_lesions).  An int ``shape_hw`` means square."""
+    (every lesion kept: keep_lesions).  An int ``shape_hw`` means square.
+
+    Pillow, slice by slice: the same pixel-centre convention as torch's ``interpolate(align_corners=False,
+    antialias=True)`` / ``nearest-exact`` (within 3e-5; prediction maps back with torch), without importing torch,
+    whose import alone costs about 0.5 GB of memory and a second (BENCHMARKS.md, issue 12)."""
+    from PIL import Image
+
     if isinstance(shape_hw, (int, np.integer)):
         shape_hw = (int(shape_hw), int(shape_hw))
     n, h, w = slab.shape
-    if (h, w) == tuple(shape_hw):
+    h2, w2 = (int(v) for v in shape_hw)
+    if (h, w) == (h2, w2):
         return slab
-    import torch  # only when resizing: importing torch alone costs ~0.5 GB of RSS
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(slab))[:, None]
     if is_label:
-        out = F.interpolate(t.float(), size=tuple(shape_hw), mode="nearest-exact").to(torch.uint8)[:, 0].numpy()
+        out = np.empty((n, h2, w2), np.uint8)
+        for i in range(n):
+            out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(slab[i], dtype=np.uint8)).resize((w2, h2), Image.NEAREST))
         return keep_lesions(slab, out)
-    out = F.interpolate(t.float(), size=tuple(shape_hw), mode="bilinear", align_corners=False, antialias=True)
-    return out[:, 0].numpy()
+    out = np.empty((n, h2, w2), np.float32)
+    for i in range(n):
+        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(slab[i], dtype=np.float32)).resize((w2, h2), Image.BILINEAR))
+    return out
 
 
 def body_box(can: np.ndarray, slope: float, inter: float, threshold_hu: float = -500.0) -> tuple[float, ...]:
