@@ -5,7 +5,7 @@ grid) and back the way predictions go (one-hot probabilities through inference.t
 own grid); the Dice of that round trip against the label is the ceiling a perfect model would hit at this pixel
 size, before any learning error.  Same unseen cases as bench/cascade_vs_v2.py (phantom dataset seed 7).
 
-    python bench/grid_ceiling.py [--models results/train] [--cases 40] [--grids 3.39:160 2.0:256]
+    python bench/grid_ceiling.py [--models results/train] [--cases 40] [--grids 160:3.39 256:2.0]
 """
 
 from __future__ import annotations
@@ -53,14 +53,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=str(ROOT / "results" / "train"), help="the grid of these models is one row")
     ap.add_argument("--cases", type=int, default=40)
-    ap.add_argument("--grids", nargs="*", default=[], help="more grids MM:SIZE to compare")
+    ap.add_argument("--grids", nargs="*", default=[], help="more grids SIZE:MM to compare (as bench/preprocess_vs_load.py)")
     a = ap.parse_args()
     cfg = C.load(ROOT / "config.yaml")
     ph = cfg["dataset"]["phantom"]
     spec = PhantomSpec(preset=ph["preset"], size=ph["size"], slices=ph["slices"], max_tumours=ph["max_tumours"])
     m = json.loads((Path(a.models) / "model_a" / "model.json").read_text())
     grids = [(float(m["spacing_mm"]), int(m["slice_size"]), "the models' grid")]
-    grids += [(float(g.split(":")[0]), int(g.split(":")[1]), "") for g in a.grids]
+    grids += [(float(g.split(":")[1]), int(g.split(":")[0]), "") for g in a.grids]
     with tempfile.TemporaryDirectory() as d:
         rows = {g: [] for g in grids}
         for i in range(a.cases):

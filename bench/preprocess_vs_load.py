@@ -4,7 +4,7 @@ The stage runs the way a config runs it: window and image compression come from 
 project's config.yaml); the scan is a LiTS-like phantom (``preset: lits``, 512 x 512 at 0.55-1.0 mm). By default
 two stored grids are measured side by side on the same file:
   - ``640:0.804``: the grid the plan's auto rules give for LiTS-like headers (bench/plan_table.py): every slice is
-    resampled to 0.804 mm and placed body-centred on 640 x 640 (torch imported, every slab interpolated);
+    resampled to 0.804 mm (Pillow) and placed body-centred on 640 x 640;
   - ``512:native``: the scan's own matrix at its own spacing, no resampling (only the body-centring shift).
 ``--grids SIZE:MM ...`` picks the grids explicitly (MM ``native`` = the scan's own spacing);
 ``--compression`` takes one or more image compressions (default: the config's ``slices.compression``), each

@@ -282,3 +282,22 @@ def test_stored_geometry_leads_back_to_the_original_grid(tmp_path, codes):
     back = apply_orientation(canonical, ornt_transform(axcodes2ornt(("R", "A", "S")), io_orientation(a["affine"])))
     assert back.shape == tuple(a["original_shape"])
     assert np.array_equal(back, lab)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (80, 64), (23, 23)])
+def test_resampling_follows_torchs_pixel_centre_convention(shape):
+    """resize_slab (Pillow, no torch import) against torch's antialiased bilinear and nearest-exact, up and down:
+    the convention prediction's way back (inference.to_source_grid, torch) inverts."""
+    import torch
+    import torch.nn.functional as F
+
+    from liverseg.preprocess import resize_slab
+
+    rng = np.random.default_rng(3)
+    img = rng.random((2, 48, 40)).astype(np.float32)
+    lab = rng.integers(0, 2, size=(2, 48, 40)).astype(np.uint8)  # liver/background only: keep_lesions idle
+    want = F.interpolate(torch.from_numpy(img)[:, None], size=shape, mode="bilinear", align_corners=False,
+                         antialias=True)[:, 0].numpy()
+    assert np.abs(resize_slab(img, shape) - want).max() < 1e-4
+    want_l = F.interpolate(torch.from_numpy(lab)[:, None].float(), size=shape, mode="nearest-exact")[:, 0].numpy()
+    assert np.array_equal(resize_slab(lab, shape, is_label=True), want_l.astype(np.uint8))

@@ -69,9 +69,10 @@ def resize_slab(slab: np.ndarray, shape_hw, is_label: bool = False) -> np.ndarra
     """Resample (n, H, W) slices to (n, *shape_hw): bilinear with antialiasing for images, nearest for labels
     (every lesion kept: keep_lesions).  An int ``shape_hw`` means square.
 
-    Pillow, slice by slice: the same pixel-centre convention as torch's ``interpolate(align_corners=False,
-    antialias=True)`` / ``nearest-exact`` (within 3e-5; prediction maps back with torch), without importing torch,
-    whose import alone costs about 0.5 GB of memory and a second (BENCHMARKS.md, issue 12)."""
+    Images with Pillow, slice by slice, labels by index: the same pixel-centre convention as torch's ``interpolate(align_corners=False,
+    antialias=True)`` / ``nearest-exact`` (tests/test_preprocess.py compares them; prediction maps back with
+    torch), without importing torch in this stage (its import roughly doubled the stage's peak memory:
+    BENCHMARKS.md, issue 12)."""
     from PIL import Image
 
     if isinstance(shape_hw, (int, np.integer)):
@@ -80,11 +81,10 @@ def resize_slab(slab: np.ndarray, shape_hw, is_label: bool = False) -> np.ndarra
     h2, w2 = (int(v) for v in shape_hw)
     if (h, w) == (h2, w2):
         return slab
-    if is_label:
-        out = np.empty((n, h2, w2), np.uint8)
-        for i in range(n):
-            out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(slab[i], dtype=np.uint8)).resize((w2, h2), Image.NEAREST))
-        return keep_lesions(slab, out)
+    if is_label:  # nearest-exact: output pixel centre -> the source pixel that holds it (float32 scale, as torch)
+        rows = np.minimum(((np.arange(h2, dtype=np.float32) + 0.5) * np.float32(h / h2)).astype(np.int64), h - 1)
+        cols = np.minimum(((np.arange(w2, dtype=np.float32) + 0.5) * np.float32(w / w2)).astype(np.int64), w - 1)
+        return keep_lesions(slab, np.ascontiguousarray(slab[:, rows[:, None], cols[None, :]], dtype=np.uint8))
     out = np.empty((n, h2, w2), np.float32)
     for i in range(n):
         out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(slab[i], dtype=np.float32)).resize((w2, h2), Image.BILINEAR))
