@@ -30,7 +30,7 @@ def _stack(image: np.ndarray, zs: list[int], context: int, stride: int = 1) -> t
 
 def case_stride(spec: dict, z_mm: float | None) -> int:
     """Slices between the neighbours a model sees together on a case with slice spacing ``z_mm``: the model's
-    ``context_mm`` (chosen at training) in slices of this case (geometry.z_stride); 1 for older model files."""
+    ``context_mm`` (chosen at training) in slices of this case (geometry.z_stride)."""
     return z_stride(spec.get("context_mm"), z_mm)
 
 
@@ -236,11 +236,8 @@ def to_source_grid(probs: torch.Tensor, attrs: dict) -> torch.Tensor:
     the exact inverse of preprocessing's forward path.  The argmax is the caller's, on the returned grid."""
     nx, ny = (int(v) for v in attrs["canonical_shape"][:2])
     size = probs.shape[-1]
-    if "resampled_shape" not in attrs:  # files from before the millimetre plan: the slice filled the grid
-        rshape, offset = (size, size), (0, 0)
-    else:
-        rshape = tuple(int(v) for v in attrs["resampled_shape"])
-        offset = tuple(int(v) for v in attrs["offset"])
+    rshape = tuple(int(v) for v in attrs["resampled_shape"])
+    offset = tuple(int(v) for v in attrs["offset"])
     if rshape == (size, size) and offset == (0, 0):
         canvas = probs
     else:

@@ -274,9 +274,8 @@ def check_case(case: str, image_path, out_json, label_path=None, affine_toleranc
     """
     try:
         geom, _, _, _, lab = load_validated(case, image_path, label_path, affine_tolerance)
-        canonical_shape = [int(geom.shape[int(ax)]) for ax in np.argsort(geom.ornt[:, 0])]
         # The header facts the plan reads (liverseg.plan): no later stage opens the image to plan the grid.
-        status = {"case": case, "ok": True, "error": "", "canonical_shape": canonical_shape,
+        status = {"case": case, "ok": True, "error": "", "canonical_shape": list(geom.canonical_shape),
                   "canonical_spacing": [round(float(v), 6) for v in geom.canonical_spacing]}
         if lab is not None and not (lab >= 1).any():
             log.warning("case %s: the label holds no liver", case)

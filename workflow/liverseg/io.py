@@ -45,6 +45,15 @@ class Geometry:
         return tuple(sp[int(ax)] for ax in np.argsort(self.ornt[:, 0]))
 
     @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        return tuple(int(self.shape[int(ax)]) for ax in np.argsort(self.ornt[:, 0]))
+
+    @property
+    def inplane_extent_mm(self) -> float:
+        """The scan's larger in-plane side in mm (canonical x or y): what a field of view must hold."""
+        return max(n * s for n, s in zip(self.canonical_shape[:2], self.canonical_spacing[:2]))
+
+    @property
     def axcodes(self) -> str:
         return "".join(nib.aff2axcodes(self.affine))
 

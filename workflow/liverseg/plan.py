@@ -81,7 +81,7 @@ def _with_geometry(verdict: dict, images: dict) -> dict:
     from liverseg.io import load_nifti, geometry_of
 
     g = geometry_of(load_nifti(images[verdict["case"]], verdict["case"], "image"))
-    return {**verdict, "canonical_shape": [int(g.shape[int(ax)]) for ax in np.argsort(g.ornt[:, 0])],
+    return {**verdict, "canonical_shape": list(g.canonical_shape),
             "canonical_spacing": [float(v) for v in g.canonical_spacing]}
 
 
@@ -122,9 +122,4 @@ def spacing_to_fit(image_paths, size: int) -> float:
 
     from liverseg.io import geometry_of
 
-    widest = 0.0
-    for p in image_paths:
-        g = geometry_of(nib.load(str(p)))
-        shape = [g.shape[int(ax)] for ax in np.argsort(g.ornt[:, 0])]
-        widest = max(widest, *(n * s for n, s in zip(shape[:2], g.canonical_spacing[:2])))
-    return widest / float(size)
+    return max(geometry_of(nib.load(str(p))).inplane_extent_mm for p in image_paths) / float(size)

@@ -57,8 +57,7 @@ def check_compatible(spec: dict, attrs: dict, model_path) -> None:
     mm = attrs.get("spacing_mm")
     got = (attrs["window_mode"], float(attrs["window_lower"]), float(attrs["window_upper"]), int(attrs["size"]),
            round(float(mm), 4) if mm is not None else None)
-    want = (w["mode"], float(w["lower"]), float(w["upper"]), int(spec["slice_size"]),
-            round(float(spec["spacing_mm"]), 4) if spec.get("spacing_mm") else None)
+    want = (w["mode"], float(w["lower"]), float(w["upper"]), int(spec["slice_size"]), round(float(spec["spacing_mm"]), 4))
     if got != want:
         raise ModelFileError(
             f"model {model_path} was trained on slices (window mode, lower, upper, size, mm per pixel) = {want} "
@@ -105,7 +104,7 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
         check_compatible(loaded[role][1], attrs, paths[0])
     nx, ny, nz = (int(v) for v in attrs["canonical_shape"])
     size = int(attrs["size"])
-    z_mm = float(attrs["slice_spacing"]) if "slice_spacing" in attrs else None
+    z_mm = float(attrs["slice_spacing"])
     vol = np.zeros((nx, ny, nz), np.uint8)
     scores = np.full(nz, np.nan, np.float32)
     codes = np.ones(nz, np.int8)

@@ -135,14 +135,6 @@ def keep_lesions(src: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- one case
-def stored_grid(geom_spacing_xy, shape_xy, size: int, spacing_mm: float | None) -> float:
-    """The in-plane mm per stored pixel: the plan's target, or (None) whatever fits the scan's field of view in
-    ``size`` pixels without distorting it (the widest axis fills the grid)."""
-    if spacing_mm:
-        return float(spacing_mm)
-    return max(float(n) * float(s) for n, s in zip(shape_xy, geom_spacing_xy)) / float(size)
-
-
 def preprocess_case(
     case: str,
     image_path,
@@ -151,7 +143,8 @@ def preprocess_case(
     lower: float = default("window.lower"),
     upper: float = default("window.upper"),
     mode: str = default("window.mode"),
-    size: int = 128,
+    *,
+    size: int,
     spacing_mm: float | None = None,
     affine_tolerance: float = default("ingest.affine_tolerance"),
     compression: str = default("slices.compression"),
@@ -169,7 +162,8 @@ def preprocess_case(
     can_lab = geom.to_canonical(lab_raw) if lab_raw is not None else None
     nx, ny, nz = can.shape
     cs = geom.canonical_spacing
-    target = stored_grid(cs[:2], (nx, ny), size, spacing_mm)
+    # The plan's mm per pixel, or (None) what fits the scan undistorted: its wider in-plane side fills the grid.
+    target = float(spacing_mm) if spacing_mm else geom.inplane_extent_mm / float(size)
     rshape = resampled_shape((ny, nx), (cs[1], cs[0]), target)  # (rows = y, cols = x)
     # The body's box in resampled pixels (edges scale with the pixel count); its centre goes to the grid's centre.
     r0, r1, c0, c1 = (e * rshape[i // 2] / (ny, nx)[i // 2] for i, e in enumerate(body_box(can, slope, inter)))

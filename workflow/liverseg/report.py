@@ -64,8 +64,6 @@ def _stored_grid(h5_path) -> str:
 
     with h5py.File(h5_path, "r") as f:
         a = f.attrs
-        if "spacing_mm" not in a:
-            return ""
         return f"; models saw it at {float(a['spacing_mm']):.3g} mm per pixel, {float(a['fov_mm']):.0f} mm field of view"
 
 

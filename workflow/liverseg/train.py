@@ -232,21 +232,17 @@ def _sampling(role: str, m: dict, liver, other, tumour, n_items: int):
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _z_mm(path) -> float:
-    with h5py.File(path, "r") as f:
-        return float(f.attrs["slice_spacing"])
-
-
 def _read(path, label: bool = True):
     with h5py.File(path, "r") as f:
         return f["image"][:], (f["label"][:] if label else None)
 
 
-def _volume_counts(model, spec, role, path, device, amp, tta=False) -> np.ndarray:
-    """Pooled counts of one validation case segmented by a whole-volume model, on the stored grid."""
-    image, label = _read(path)
+def _volume_counts(model, spec, role, case, device, amp, tta=False) -> np.ndarray:
+    """Pooled counts of one validation case (CaseIndex, its stride set for this model) segmented by a whole-volume
+    model, on the stored grid."""
+    image, label = _read(case.path)
     n, size = image.shape[0], image.shape[-1]
-    stride = case_stride(spec, _z_mm(path))
+    stride = case.stride
     pred = np.zeros_like(label)
     if role == "v3_convlstm":
         for bz, p in segment_sequences(model, spec, image, device, amp=amp, stride=stride):
@@ -272,7 +268,7 @@ def validate(model, spec, role, val_cases, device, amp, ctx: dict | None = None)
         scores, truth = [], []
         for c in val_cases:
             image, _ = _read(c.path, label=False)
-            scores.append(classify(model, spec, image, device, amp=amp, stride=case_stride(spec, c.z_mm)))
+            scores.append(classify(model, spec, image, device, amp=amp, stride=c.stride))
             truth.append(c.liver.astype(bool))
         s, t = np.concatenate(scores), np.concatenate(truth)
         thr, bacc = sensitivity_threshold(s, t, ctx["min_sensitivity"])
@@ -284,7 +280,7 @@ def validate(model, spec, role, val_cases, device, amp, ctx: dict | None = None)
             total += vc.base[ctx["gate"]] + b_counts(vc, model, spec, device, amp)
     else:
         for c in val_cases:
-            total += _volume_counts(model, spec, role, c.path, device, amp)
+            total += _volume_counts(model, spec, role, c, device, amp)
     return _dice_row(PooledDice(total))
 
 
@@ -294,7 +290,7 @@ def _select(model, spec, role, val_cases, device, amp, ctx) -> dict:
     table = []
     if role == "model_a":
         for tta in ttas:
-            pd = PooledDice(sum(_volume_counts(model, spec, role, c.path, device, amp, tta) for c in val_cases))
+            pd = PooledDice(sum(_volume_counts(model, spec, role, c, device, amp, tta) for c in val_cases))
             table.append({"tta": tta, **_dice_row(pd)})
     else:
         b = {tta: [b_counts(vc, model, spec, device, amp, tta) for vc in ctx["val_prepared"]] for tta in ttas}
