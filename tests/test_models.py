@@ -138,6 +138,64 @@ def test_load_of_a_model_trained_from_imagenet_weights_never_downloads(tmp_path,
     assert spec2["encoder_weights"] == "imagenet"
 
 
+def _no_network(monkeypatch):
+    """Cut the network at the socket: any connection attempt (a download by any library) raises."""
+    import socket
+
+    def refuse(*a, **k):
+        raise AssertionError(f"a network connection was attempted: {a}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "segmenter", "convlstm"])
+def test_imagenet_model_loads_with_the_network_cut_off_and_normalises_its_input(kind, tmp_path, monkeypatch):
+    """A model saved as if ImageNet-initialised: loading fetches nothing (socket cut, download helpers refused),
+    and the network sees the input normalised with the encoder's ImageNet statistics, channel i with those of RGB
+    channel i mod 3 (smp's first-conv adaptation)."""
+    spec, in_shape, _ = TINY[kind]
+    spec = dict(spec, encoder_weights="imagenet", in_channels=5,
+                input_norm={"mean": [0.485, 0.456, 0.406, 0.485, 0.456], "std": [0.229, 0.224, 0.225, 0.229, 0.224]})
+    in_shape = in_shape[:-3] + (5,) + in_shape[-2:]
+    torch.manual_seed(0)
+    plain = M.build({k: v for k, v in spec.items() if k not in ("encoder_weights", "input_norm")}).eval()
+    M.save(plain, spec, tmp_path / "m.pt", tmp_path / "m.json")
+    _no_network(monkeypatch)
+    _no_downloads(monkeypatch)
+    model, spec2 = M.load(tmp_path / "m.pt")
+    assert spec2["encoder_weights"] == "imagenet"
+    assert set(model.state_dict()) == set(plain.state_dict())  # same file layout as a plain model
+    mean = torch.tensor([0.485, 0.456, 0.406, 0.485, 0.456]).view(5, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225, 0.229, 0.224]).view(5, 1, 1)
+    x = torch.rand(in_shape)
+    with torch.no_grad():
+        got, want = model(x), plain((x - mean) / std)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_imagenet_statistics_follow_smps_first_convolution(monkeypatch):
+    """Channel i takes RGB channel i mod 3's statistics; one channel their means (smp sums the RGB filters).
+    smp's table is stubbed: the real lookup reads a cached config that this offline machine may not have."""
+    import segmentation_models_pytorch.encoders as enc
+
+    monkeypatch.setattr(enc, "get_preprocessing_params",
+                        lambda name, pretrained: {"mean": [0.1, 0.2, 0.3], "std": [1.0, 2.0, 3.0]})
+    assert M.imagenet_statistics("resnet18", 5) == {"mean": [0.1, 0.2, 0.3, 0.1, 0.2], "std": [1.0, 2.0, 3.0, 1.0, 2.0]}
+    one = M.imagenet_statistics("resnet18", 1)
+    assert one["mean"] == pytest.approx([0.2]) and one["std"] == pytest.approx([2.0])
+
+
+def test_models_without_input_norm_see_raw_input():
+    """Scratch models, and files from before input_norm existed, get no normalisation hook."""
+    spec = dict(TINY["segmenter"][0], encoder_weights="imagenet")  # an old ImageNet file: trained on raw inputs
+    assert M.input_normalisation(spec) is None
+    assert not M.build(dict(spec, encoder_weights=None))._forward_pre_hooks
+    with pytest.raises(ModelFileError, match="channels"):
+        M.input_normalisation(dict(spec, input_norm={"mean": [0.5], "std": [0.2]}))
+
+
 def test_resolve_device(monkeypatch):
     assert M.resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -206,3 +264,26 @@ def test_load_ensemble_checks_members_and_averages_the_threshold(tmp_path):
     M.save(M.build(spec), {**spec, "input_size": spec["input_size"] * 2}, tmp_path / "2.pt", tmp_path / "2.json")
     with pytest.raises(ModelFileError, match=r"cannot join an ensemble .* differ in \['input_size'\]"):
         M.load_ensemble([tmp_path / "0.pt", tmp_path / "2.pt"])
+
+
+@pytest.mark.parametrize("weights", [None, "imagenet"])
+def test_training_spec_records_input_statistics_only_for_imagenet_encoders(weights, monkeypatch):
+    """train.make_spec writes the statistics into model.json when training starts from ImageNet weights (the
+    lookup is stubbed: it reads smp's cache); scratch models and the 3D U-Net get none."""
+    import segmentation_models_pytorch.encoders as enc
+
+    from liverseg import config as C
+    from liverseg.train import make_spec
+
+    monkeypatch.setattr(enc, "get_preprocessing_params",
+                        lambda name, pretrained: {"mean": [0.1, 0.2, 0.3], "std": [1.0, 2.0, 3.0]})
+    cfg = C.load(None, {"train": {"encoder_weights": weights}})
+    grid = {"slice_size": 64, "spacing_mm": 2.0, "context_mm_auto": 5.0}
+    for role in ROLES:
+        spec = make_spec(cfg, role, grid)
+        if weights and spec["kind"] != "unet3d":
+            c = spec["in_channels"]
+            assert spec["input_norm"] == {"mean": [[0.1, 0.2, 0.3][i % 3] for i in range(c)],
+                                          "std": [[1.0, 2.0, 3.0][i % 3] for i in range(c)]}
+        else:
+            assert "input_norm" not in spec

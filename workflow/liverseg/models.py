@@ -123,8 +123,53 @@ class UNet3D(nn.Module):
         return self.head(x)
 
 
-def build(spec: dict) -> nn.Module:
-    weights = spec.get("encoder_weights") or None
+def imagenet_statistics(encoder: str, in_channels: int) -> dict:
+    """The input statistics an ImageNet-initialised encoder expects, per input channel: ``{"mean", "std"}``.
+
+    Read from smp's preprocessing parameters for the encoder (cached with its weights: training an ImageNet
+    encoder needs that cache anyway) when the spec is made at training time, and recorded in model.json, so loading
+    a model never looks them up.  Our inputs are windowed CT in [0, 1] with 2c+1 channels; smp adapts the first
+    convolution by giving input channel i the RGB filter i mod 3 (one channel: the sum of the three), so channel i
+    takes the statistics of RGB channel i mod 3 (one channel: their means)."""
+    params = smp.encoders.get_preprocessing_params(encoder, pretrained="imagenet")
+    mean, std = [float(v) for v in params["mean"]], [float(v) for v in params["std"]]
+    if in_channels == 1:
+        return {"mean": [sum(mean) / 3], "std": [sum(std) / 3]}
+    return {"mean": [mean[i % 3] for i in range(in_channels)], "std": [std[i % 3] for i in range(in_channels)]}
+
+
+def input_normalisation(spec: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, std) as (C, 1, 1) tensors from the spec's ``input_norm`` (set for ImageNet encoders), else None.
+    A model file without the key was trained on raw inputs and keeps seeing them."""
+    norm = spec.get("input_norm")
+    if not norm:
+        return None
+    c = int(spec["in_channels"])
+    if len(norm["mean"]) != c or len(norm["std"]) != c:
+        raise ModelFileError(f"input_norm has {len(norm['mean'])} channels, the model {c}")
+    # (C, 1, 1) broadcasts over (B, C, H, W) and over V3's (B, T, C, H, W).
+    return torch.tensor(norm["mean"]).view(c, 1, 1), torch.tensor(norm["std"]).view(c, 1, 1)
+
+
+def _normalise_input(mean: torch.Tensor, std: torch.Tensor):
+    def hook(module, args):
+        x = args[0]
+        return ((x - mean.to(x.device, x.dtype)) / std.to(x.device, x.dtype),) + tuple(args[1:])
+    return hook
+
+
+def build(spec: dict, download: bool = True) -> nn.Module:
+    """The network a spec describes.  ``download=False`` never fetches pretrained weights (a model file being
+    loaded holds them all); the spec's input normalisation (``input_norm``) applies either way."""
+    model = _build(spec, (spec.get("encoder_weights") or None) if download else None)
+    norm = input_normalisation(spec)
+    if norm is not None:
+        # A forward pre-hook, not a wrapper module: the state_dict keys stay those of the plain network.
+        model.register_forward_pre_hook(_normalise_input(*norm))
+    return model
+
+
+def _build(spec: dict, weights: str | None) -> nn.Module:
     if spec["kind"] == "classifier":
         return SliceClassifier(spec["encoder"], spec["in_channels"], spec.get("encoder_depth", 5), weights)
     if spec["kind"] == "segmenter":
@@ -174,7 +219,7 @@ def load(weights_path, spec_path=None, device="cpu") -> tuple[nn.Module, dict]:
         raise ModelFileError(f"{weights_path} does not hold a state_dict")
     try:
         # The file holds every weight: never let the builder fetch pretrained ones (compute nodes are offline).
-        model = build({**spec, "encoder_weights": None})
+        model = build(spec, download=False)
         model.load_state_dict(state)
     except (KeyError, RuntimeError, TypeError) as exc:
         raise ModelFileError(

@@ -125,6 +125,8 @@ def make_spec(cfg: dict, role: str, grid: dict) -> dict:
         spec["crop_margin"] = int(m["crop_margin"])
         spec["z_margin"] = int(m["z_margin"])
         spec["box_shift"] = int(m["box_shift"])
+    if spec["encoder_weights"] == "imagenet" and kind != "unet3d":
+        spec["input_norm"] = M.imagenet_statistics(spec["encoder"], spec["in_channels"])
     if kind in ("segmenter", "convlstm"):
         spec["decoder_channels"] = list(m["decoder_channels"])[: m["encoder_depth"]]
     if kind == "convlstm":
