@@ -9,6 +9,12 @@ configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"
+
+
+# With --software-deployment-method apptainer every job runs in this image (container/liverseg.def); none by default.
+container: config["software"]["container"] or None
+
+
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/split.smk"

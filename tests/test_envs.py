@@ -12,7 +12,9 @@ import yaml
 
 from conftest import ROOT
 
-CONDA_TO_PIP = {"pytorch": "torch", "matplotlib-base": "matplotlib"}
+CONDA_TO_PIP = {"pytorch": "torch", "pytorch-gpu": "torch", "pytorch-cpu": "torch", "matplotlib-base": "matplotlib"}
+# conda-only selectors with no PyPI counterpart (the CUDA runtime comes inside the PyPI torch wheel)
+CONDA_ONLY = {"cuda-version"}
 
 
 def _requirements():
@@ -46,7 +48,7 @@ def test_env_versions_agree_with_requirements(env):
     pins = _env_pins(env)
     assert len(pins) >= 10
     for name, version in pins.items():
-        if name == "python":
+        if name == "python" or name in CONDA_ONLY:
             continue
         assert name in req, f"{env.name}: {name} is not pinned in requirements.txt"
         assert req[name] == version, f"{env.name}: {name}={version} but requirements.txt has {req[name]}"
@@ -109,3 +111,47 @@ def test_imaging_env_commands_run_without_torch(tmp_path):
     run("postprocess", "--case", 3, "s.nii.gz", "p.nii.gz")
     run("evaluate-case", "--case", 3, "--pred", "p.nii.gz", "--ref", "s.nii.gz", "e.tsv")
     run("overlay", "--case", 3, "--image", "v.nii.gz", "--ref", "s.nii.gz", "--pred", "p.nii.gz", "--h5", "o.h5", "o.png")
+
+
+def _deps(name):
+    return [d for d in yaml.safe_load(open(ROOT / "envs" / name))["dependencies"] if isinstance(d, str)]
+
+
+def test_gpu_env_pins_a_cuda_build_and_cpu_env_a_cpu_build():
+    """conda-forge picks a CUDA build only where it detects a GPU: envs/torch.yaml must pin one (build string and
+    metapackage), so an env built on a login node does not silently train on CPU; torch-cpu.yaml the CPU build."""
+    gpu, cpu = _deps("torch.yaml"), _deps("torch-cpu.yaml")
+    assert "pytorch=2.14.1=cuda*" in gpu and "pytorch-gpu=2.14.1" in gpu
+    assert any(d.startswith("cuda-version=") for d in gpu)
+    assert "pytorch=2.14.1=cpu*" in cpu and "pytorch-cpu=2.14.1" in cpu
+    assert not any("cuda" in d for d in cpu)
+    strip = {"pytorch=2.14.1=cuda*", "pytorch-gpu=2.14.1", "pytorch=2.14.1=cpu*", "pytorch-cpu=2.14.1"}
+    assert [d for d in gpu if d not in strip and not d.startswith("cuda-version")] == [d for d in cpu if d not in strip]
+
+
+def test_training_and_prediction_rules_choose_their_torch_build_per_job():
+    from liverseg.runenv import torch_env_file
+
+    assert torch_env_file("auto", True) == "../../envs/torch.yaml"
+    assert torch_env_file("auto", False) == "../../envs/torch-cpu.yaml"
+    assert torch_env_file("cuda", False) == "../../envs/torch.yaml"
+    assert torch_env_file("cpu", True) == "../../envs/torch-cpu.yaml"
+    for smk, section in (("train.smk", "train"), ("predict.smk", "predict")):
+        text = (ROOT / "workflow" / "rules" / smk).read_text()
+        assert f'torch_env("{section}")' in text, smk
+    for f in ("torch.yaml", "torch-cpu.yaml"):
+        assert (ROOT / "workflow" / "rules" / "../../envs" / f).resolve().is_file()
+
+
+def test_container_recipe_installs_exactly_requirements_txt_and_the_workflow_can_use_it(tmp_path):
+    """container/liverseg.def (not buildable here: no Apptainer, no registry) installs requirements.txt as is, and
+    its Python comes first in a job's PATH; the Snakefile's container: directive follows software.container."""
+    text = (ROOT / "container" / "liverseg.def").read_text()
+    assert "requirements.txt /opt/liverseg/requirements.txt" in text
+    assert "pip install --no-cache-dir -r /opt/liverseg/requirements.txt" in text
+    assert "export PATH=/opt/liverseg/venv/bin:$PATH" in text
+    from_line = re.search(r"^From: python:(\d+\.\d+)", text, re.M)
+    env_python = [d for d in yaml.safe_load(open(ROOT / "envs" / "torch.yaml"))["dependencies"]
+                  if isinstance(d, str) and d.startswith("python=")][0]
+    assert from_line and env_python == f"python={from_line.group(1)}"
+    assert 'container: config["software"]["container"] or None' in (ROOT / "Snakefile").read_text()

@@ -35,3 +35,13 @@ def local_gpus() -> int:
         return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
     gpus = Path("/proc/driver/nvidia/gpus")
     return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+
+
+def torch_env_file(build: str, wants_gpu: bool) -> str:
+    """The conda env file (relative to workflow/rules/) of a training/prediction job: config software.torch_build
+    ``cuda``/``cpu``, or ``auto`` = the CUDA build exactly for jobs that ask for a GPU, so a CPU-only workstation
+    never has to build (or fail to build, without a GPU driver) the CUDA environment."""
+    if build not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"software.torch_build must be auto, cuda or cpu, not {build!r}")
+    cuda = wants_gpu if build == "auto" else build == "cuda"
+    return "../../envs/torch.yaml" if cuda else "../../envs/torch-cpu.yaml"

@@ -11,7 +11,7 @@ from liverseg.config import training_view, validate as validate_config  # noqa: 
 from liverseg.errors import ConfigError  # noqa: E402
 from liverseg.ingest import discover  # noqa: E402
 from liverseg.roles import EXPERIMENTS, MODES, ROLES  # noqa: E402
-from liverseg.runenv import configure, local_gpus  # noqa: E402
+from liverseg.runenv import configure, local_gpus, torch_env_file  # noqa: E402
 
 configure(workflow.basedir)
 
@@ -150,6 +150,16 @@ def uses_gpu(section):
     if device != "auto":
         return device == "cuda"
     return not workflow.local_exec or local_gpus() > 0
+
+
+def torch_env(section):
+    """The conda env of a training/prediction job (config software.torch_build): the CUDA build where the job asks
+    for a GPU, the CPU build elsewhere; decided per job, like the GPU request itself (uses_gpu)."""
+
+    def env(wildcards):
+        return torch_env_file(config["software"]["torch_build"], uses_gpu(section))
+
+    return env
 
 
 def gpu_resources(section):

@@ -25,7 +25,7 @@ rule predict:
         runtime=60,
         **gpu_resources("predict"),
     conda:
-        "../../envs/torch.yaml"
+        torch_env("predict")
     shell:
         "python -m liverseg predict-case --case {wildcards.case:q} --h5 {input.h5:q} {params.models}"
         " --mode {params.mode} --device {resources.predict_device} --tta {params.tta} --gate {params.gate}"

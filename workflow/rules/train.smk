@@ -26,7 +26,7 @@ rule train:
         runtime=lambda wc: ROLES[wc.role]["runtime"],
         **gpu_resources("train"),
     conda:
-        "../../envs/torch.yaml"
+        torch_env("train")
     shell:
         "python -m liverseg train --role {wildcards.role} --config-json {params.cfg:q}"
         " --train {input.train:q} --val {input.val:q} {params.needs} --checkpoint-dir {params.ckpt:q}"
