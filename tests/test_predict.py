@@ -161,7 +161,7 @@ def test_predict_path_writes_into_an_existing_folder_and_refuses_bad_outputs(tmp
     P.predict_path(scan, tmp_path / "out", "models")
     P.predict_path(scan, tmp_path / "out" / "x.nii.gz", "models")
     assert seen == [tmp_path / "out" / "volume-12.nii.gz", tmp_path / "out" / "x.nii.gz"]
-    with pytest.raises(CaseError, match="neither an existing folder nor a .nii/.nii.gz file"):
+    with pytest.raises(CaseError, match="neither an existing folder nor a .nii/.nii.gz/.dcm file"):
         P.predict_path(scan, tmp_path / "nowhere", "models")
     P.predict_path(scan, tmp_path / "new" / "x.nii.gz", "models")  # the file's folder is made when written
     assert seen[-1] == tmp_path / "new" / "x.nii.gz"
