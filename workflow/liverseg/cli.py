@@ -415,6 +415,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:  # highdicom logs every attribute module it copies at INFO
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         args.func(args)
     except (CaseError, ConfigError, FileNotFoundError, ModelFileError, ValueError) as exc:
