@@ -22,6 +22,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/predict.smk"
 include: "workflow/rules/postprocess.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/statistics.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/kaggle.smk"
 

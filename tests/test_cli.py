@@ -119,3 +119,35 @@ def test_malformed_pairs_and_an_empty_export_are_one_line(tmp_path):
     r = run("kaggle", "--out", str(tmp_path / "s.csv"))
     assert r.returncode == 1 and r.stderr.strip().startswith("liverseg kaggle: error: no predictions to export")
     assert not (tmp_path / "s.csv").exists()
+
+
+COMMANDS += ["statistics", "statistics-table", "dicom-seg"]
+
+
+def test_statistics_then_table_by_hand(tmp_path):
+    lab = np.zeros((6, 6, 4), np.uint8)
+    lab[1:5, 1:5, 1:3] = 1
+    lab[2, 2, 1] = 2
+    write_nifti(tmp_path / "v.nii.gz", np.full(lab.shape, 50, np.int16), np.diag([2.0, 2.0, 2.5, 1.0]))
+    write_nifti(tmp_path / "p.nii.gz", lab, np.diag([2.0, 2.0, 2.5, 1.0]))
+    r = run("statistics", "--case", "s1", "--experiment", "v2_unetpp_cca", "--image", str(tmp_path / "v.nii.gz"),
+            "--pred", str(tmp_path / "p.nii.gz"), str(tmp_path / "s1.json"))
+    assert r.returncode == 0, r.stderr
+    r = run("statistics-table", "--out", str(tmp_path / "t.tsv"), str(tmp_path / "s1.json"))
+    assert r.returncode == 0, r.stderr
+    row = dict(zip(*(ln.split("\t") for ln in (tmp_path / "t.tsv").read_text().splitlines())))
+    assert row["experiment"] == "v2_unetpp_cca" and row["liver_ml"] == f"{32 * 10 / 1000:.3f}"  # 32 voxels of 10 mm^3
+    assert row["tumour_count"] == "1" and row["tumour_burden_pct"] == f"{100 / 32:.3f}"
+
+
+def test_dicom_seg_with_an_unknown_series_is_one_line(tmp_path):
+    from conftest import realdata
+
+    ct = realdata("dcmqi_ct3slice", "ct")
+    write_nifti(tmp_path / "p.nii.gz", np.zeros((512, 512, 3), np.uint8))
+    r = run("dicom-seg", "--case", "dq", "--series", str(ct), "--series-uid", "1.2.3", "--pred",
+            str(tmp_path / "p.nii.gz"), str(tmp_path / "o.dcm"))
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("liverseg dicom-seg: error: case dq: no DICOM series 1.2.3 in ")
+    assert not (tmp_path / "o.dcm").exists()

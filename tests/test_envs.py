@@ -111,6 +111,11 @@ def test_imaging_env_commands_run_without_torch(tmp_path):
     run("postprocess", "--case", 3, "s.nii.gz", "p.nii.gz")
     run("evaluate-case", "--case", 3, "--pred", "p.nii.gz", "--ref", "s.nii.gz", "e.tsv")
     run("overlay", "--case", 3, "--image", "v.nii.gz", "--ref", "s.nii.gz", "--pred", "p.nii.gz", "--h5", "o.h5", "o.png")
+    run("statistics", "--case", 3, "--image", "v.nii.gz", "--pred", "p.nii.gz", "st.json")
+    run("statistics-table", "--out", "st.tsv", "st.json")
+    # the dicom_seg rule's module (its CLI run needs a DICOM series: tests/test_dicomseg.py)
+    r = subprocess.run([sys.executable, "-c", "import liverseg.dicomseg, highdicom"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def _deps(name):

@@ -1,3 +1,6 @@
+import json
+
+import cc3d
 import nibabel as nib
 import numpy as np
 import pytest
@@ -158,9 +161,102 @@ def test_predict_path_writes_into_an_existing_folder_and_refuses_bad_outputs(tmp
     P.predict_path(scan, tmp_path / "out", "models")
     P.predict_path(scan, tmp_path / "out" / "x.nii.gz", "models")
     assert seen == [tmp_path / "out" / "volume-12.nii.gz", tmp_path / "out" / "x.nii.gz"]
-    with pytest.raises(CaseError, match="neither an existing folder nor a .nii/.nii.gz file"):
+    with pytest.raises(CaseError, match="neither an existing folder nor a .nii/.nii.gz/.dcm file"):
         P.predict_path(scan, tmp_path / "nowhere", "models")
     P.predict_path(scan, tmp_path / "new" / "x.nii.gz", "models")  # the file's folder is made when written
     assert seen[-1] == tmp_path / "new" / "x.nii.gz"
     with pytest.raises(CaseError, match="input does not exist"):
         P.predict_path(tmp_path / "missing.nii.gz", tmp_path / "out", "models")
+
+
+def _stub_predict(case, h5, models, out, *a, **kw):
+    """In place of the models: a liver box with a tumour inside, on the case's canonical grid, and a stray liver
+    voxel that post-processing removes (so what is written differs from the raw prediction)."""
+    _, geom, attrs, _ = P.read_case(h5, case)
+    vol = np.zeros(tuple(int(v) for v in attrs["canonical_shape"]), np.uint8)
+    nx, ny, _ = vol.shape
+    vol[nx // 4: nx // 2, ny // 3: 2 * ny // 3, :] = 1
+    vol[nx // 4 + 5: nx // 4 + 15, ny // 3 + 3: ny // 3 + 9, :2] = 2
+    vol[nx - 3:, ny - 3:, 0] = 1
+    P.save_nifti_like(vol, geom, out)
+    return {"case": case}
+
+
+def _stub_models(tmp_path):
+    spec = {"window": {"mode": "fixed", "lower": -150.0, "upper": 250.0}, "slice_size": 64, "spacing_mm": 8.0}
+    (tmp_path / "models" / "model_a").mkdir(parents=True)
+    (tmp_path / "models" / "model_a" / "model.json").write_text(json.dumps(spec))
+    return tmp_path / "models"
+
+
+def test_predict_writes_seg_nifti_and_statistics_for_a_dicom_series(tmp_path, monkeypatch):
+    """`liverseg predict --output-format both --statistics` on the real 3-slice series with a stub model: the SEG's
+    frames equal the written NIfTI at every source instance, and the statistics are those of that NIfTI."""
+    import highdicom as hd
+    import pydicom
+
+    from conftest import realdata
+    from liverseg.dicomseg import source_uid
+    from liverseg.statistics import label_statistics
+    from test_dicomseg import expected_frame
+
+    ct = realdata("dcmqi_ct3slice", "ct")
+    monkeypatch.setattr(P, "predict_case", _stub_predict)
+    (s,) = P.predict_path(ct, tmp_path / "x.dcm", _stub_models(tmp_path), output_format="both", statistics=True,
+                          mode="model_a")
+    assert set(s["outputs"]) == {"nifti", "seg", "stats"}
+    pred = nib.load(tmp_path / "x.nii.gz")
+    labels = np.asanyarray(pred.dataobj)
+    assert (labels == 2).any() and int(cc3d.connected_components(labels >= 1, return_N=True)[1]) == 1  # stray gone
+    srcs = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(ct.iterdir())]
+    seg = hd.seg.segread(str(tmp_path / "x.dcm"))
+    px = seg.get_pixels_by_source_instance([source_uid(d) for d in srcs], segment_numbers=[1, 2],
+                                           assert_missing_frames_are_empty=True)
+    for k, d in enumerate(srcs):
+        want = expected_frame(d, labels, pred.affine)
+        assert int(((px[k, ..., 0] > 0) != (want >= 1)).sum()) == 0
+        assert int(((px[k, ..., 1] > 0) != (want == 2)).sum()) == 0
+    stats = json.loads((tmp_path / "x.stats.json").read_text())
+    from liverseg.io import load_nifti
+
+    src = load_nifti(ct, "ct")
+    want = label_statistics(labels, np.asanyarray(src.dataobj), pred.header.get_zooms()[:3])
+    assert stats["liver_ml"] == pytest.approx(want["liver_ml"]) and stats["liver_ml"] > 0
+    assert stats["tumour_count"] == want["tumour_count"] == 1
+    assert stats["parenchyma_hu_mean"] == pytest.approx(want["parenchyma_hu_mean"], abs=1e-3)
+    assert s["liver_ml"] == pytest.approx(stats["liver_ml"])
+
+
+def test_predict_folder_reports_progress_summary_and_statistics_table(tmp_path, monkeypatch, caplog):
+    import logging
+    import shutil
+
+    from conftest import realdata
+
+    ct = realdata("dcmqi_ct3slice", "ct")
+    scans = tmp_path / "scans"
+    shutil.copytree(ct, scans / "dq")
+    (scans / "broken.nii.gz").write_bytes(b"not a nifti")
+    monkeypatch.setattr(P, "predict_case", _stub_predict)
+    caplog.set_level(logging.INFO, logger="liverseg.predict")
+    with pytest.raises(P.CaseError, match="1 of 2 scans failed"):
+        P.predict_path(scans, tmp_path / "out", _stub_models(tmp_path), statistics=True, mode="model_a")
+    lines = [r.getMessage() for r in caplog.records if r.name == "liverseg.predict"]
+    assert any(ln.startswith("[2/2] dq: ") and "liver" in ln and " mL" in ln for ln in lines), lines
+    assert "1 of 2 scans segmented, 1 failed" in lines
+    assert [ln for ln in lines if ln.startswith("failed: ")] == [next(ln for ln in lines if ln.startswith("failed: "))]
+    assert "case broken" in next(ln for ln in lines if ln.startswith("failed: "))
+    rows = (tmp_path / "out" / "statistics.tsv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].split("\t")[0] == "dq"
+    assert (tmp_path / "out" / "dq.nii.gz").exists() and (tmp_path / "out" / "dq.stats.json").exists()
+
+
+def test_dicom_seg_needs_a_dicom_input(tmp_path, monkeypatch):
+    from liverseg.errors import CaseError
+
+    scan = tmp_path / "volume-1.nii.gz"
+    scan.write_bytes(b"")
+    with pytest.raises(CaseError, match="a DICOM-SEG needs a DICOM series"):
+        P.predict_scan(scan, tmp_path / "o.nii.gz", tmp_path, output_format="dicom-seg")
+    with pytest.raises(CaseError, match="add --output-format dicom-seg"):
+        P.predict_path(scan, tmp_path / "o.dcm", tmp_path)

@@ -206,3 +206,33 @@ def test_training_jobs_get_how_to_run_from_the_config(demo_run):
     assert "--device cpu --workers 3" in train_cmd, train_cmd
     pred_cmd = next(ln for ln in r.stdout.splitlines() if "liverseg predict-case" in ln)
     assert "--device cpu" in pred_cmd and "--batch 5" in pred_cmd, pred_cmd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, seg_jobs", [("dicom-seg", 2), ("nifti", 0)])
+def test_dicom_predict_only_cases_get_a_seg_and_every_case_statistics(tmp_path, fmt, seg_jobs):
+    """A sample sheet with phantom cases and one predict-only DICOM series: after the split, the plan holds a
+    statistics job per experiment and test/predict case, one table, and a DICOM-SEG job per experiment for the
+    DICOM case only when predict.output_format asks for one."""
+    from conftest import realdata
+    from liverseg.phantom import PhantomSpec, write_case
+
+    ct = realdata("dcmqi_ct3slice", "ct")
+    rows = ["case_id\timage\tlabel"]
+    for i in range(6):
+        write_case(i, tmp_path / f"v{i}.nii.gz", tmp_path / f"s{i}.nii.gz", PhantomSpec(size=32, slices=8))
+        rows.append(f"c{i}\tv{i}.nii.gz\ts{i}.nii.gz")
+    rows.append(f"dq\t{ct}\t")
+    (tmp_path / "samples.tsv").write_text("\n".join(rows) + "\n")
+    wd = tmp_path / "run"
+    wd.mkdir()
+    cfg = {"dataset": {"source": "samplesheet", "samplesheet": str(tmp_path / "samples.tsv")},
+           "split": {"seed": 0, "test_fraction": 0.34, "val_fraction": 0.2}, "predict": {"output_format": fmt},
+           "experiments": ["v2_unetpp_cca", "v4_cascade"]}
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(wd, "--until", "split")
+    split = json.loads((wd / "results/split/split.json").read_text())
+    assert split["predict"] == ["dq"] and split["test"]
+    jobs = _dry_jobs(wd)
+    assert jobs["statistics"] == 2 * (len(split["test"]) + 1) and jobs["collect_statistics"] == 1
+    assert jobs.get("dicom_seg", 0) == seg_jobs

@@ -153,8 +153,33 @@ def _cmd_predict(a):
 
     _threads(a.threads)
     for s in predict_path(a.input, a.output, a.models, mode=a.mode, device=a.device, tta=a.tta, batch=a.batch,
-                          postprocess=not a.no_postprocess, gate=a.gate):
+                          postprocess=not a.no_postprocess, gate=a.gate, output_format=a.output_format,
+                          statistics=a.statistics, series_uid=a.series_uid):
+        s.pop("statistics", None)  # in its own file; stdout keeps one short line per scan
         print(json.dumps(s))
+
+
+def _cmd_statistics(a):
+    from liverseg.statistics import case_statistics, write_json
+
+    stats = case_statistics(a.case, a.image, a.pred, _grouped(a.model, "role", ROLES))
+    if a.experiment:
+        stats = {"experiment": a.experiment, **stats}
+    write_json(stats, a.out)
+
+
+def _cmd_statistics_table(a):
+    from liverseg.statistics import collect
+
+    collect(a.jsons, a.out)
+
+
+def _cmd_dicom_seg(a):
+    from liverseg.dicomseg import write_seg
+    from liverseg.statistics import model_versions
+
+    print(json.dumps(write_seg(a.case, a.pred, a.series, a.out, series_uid=a.series_uid,
+                               model_versions=model_versions(_grouped(a.model, "role", ROLES)))))
 
 
 def _cmd_kaggle(a):
@@ -323,9 +348,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=D("predict.batch_size"))
     s.add_argument("--no-postprocess", action="store_true", help="skip the largest-component step")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    s.add_argument("--output-format", choices=["nifti", "dicom-seg", "both"], default=D("predict.output_format"),
+                   help="label NIfTI, DICOM Segmentation of the source series (DICOM input only), or both")
+    s.add_argument("--statistics", action="store_true",
+                   help="liver and tumour volumes, tumour count and burden, HU: <output>.stats.json per scan "
+                        "(and statistics.tsv in the output folder for a folder of scans)")
+    s.add_argument("--series-uid", help="SeriesInstanceUID to segment when the DICOM folder holds several series "
+                                        "(default: the largest axial series that is not a localizer)")
     s.add_argument("input", help="NIfTI file, DICOM series folder, or folder of NIfTI files / DICOM folders")
-    s.add_argument("output", help="output .nii.gz (one scan) or folder (one scan, or several)")
+    s.add_argument("output", help="output .nii.gz or .dcm (one scan), or a folder (one scan, or several)")
     s.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("statistics", help="liver/tumour volumes, tumour count and burden, HU of one prediction (JSON)")
+    s.add_argument("--case", required=True)
+    s.add_argument("--image", required=True, help="the source image (NIfTI or DICOM series folder), in HU")
+    s.add_argument("--pred", required=True, help="the prediction, a label NIfTI on the image's grid")
+    s.add_argument("--model", action="append", default=[], metavar="ROLE=MODEL_PT",
+                   help="a model file that made the prediction, repeated: recorded with its hashes")
+    s.add_argument("--experiment", default="", help="recorded in the JSON (the first column of the table)")
+    s.add_argument("out")
+    s.set_defaults(func=_cmd_statistics)
+
+    s = sub.add_parser("statistics-table", help="per-case statistics JSON files -> one TSV")
+    s.add_argument("--out", required=True)
+    s.add_argument("jsons", nargs="*")
+    s.set_defaults(func=_cmd_statistics_table)
+
+    s = sub.add_parser("dicom-seg", help="a prediction NIfTI -> DICOM Segmentation referencing its source series")
+    s.add_argument("--case", required=True)
+    s.add_argument("--series", required=True, help="the source DICOM series folder")
+    s.add_argument("--series-uid", help="the series, when the folder holds several")
+    s.add_argument("--pred", required=True, help="label NIfTI on the series' grid (`liverseg predict` output)")
+    s.add_argument("--model", action="append", default=[], metavar="ROLE=MODEL_PT",
+                   help="a model file that made the prediction, repeated: named in the algorithm identification")
+    s.add_argument("out")
+    s.set_defaults(func=_cmd_dicom_seg)
 
     s = sub.add_parser("kaggle", help="Kaggle aio2025liverseg submission.csv (id,rle) from label NIfTI files")
     s.add_argument("--out", required=True)
@@ -358,6 +415,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:  # highdicom logs every attribute module it copies at INFO
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         args.func(args)
     except (CaseError, ConfigError, FileNotFoundError, ModelFileError, ValueError) as exc:

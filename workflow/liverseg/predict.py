@@ -177,43 +177,101 @@ def _scan_id(path: Path) -> str:
     return name
 
 
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
+
+
+def outputs_for(out_path, output_format: str = default("predict.output_format"), statistics: bool = False) -> dict:
+    """The files one scan's prediction goes to, from its NIfTI name ``x.nii.gz`` (or ``x.dcm``): ``nifti``
+    x.nii.gz, ``seg`` x.dcm, ``stats`` x.stats.json; None for what was not asked for."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"unknown output format {output_format!r}; choose one of {OUTPUT_FORMATS}")
+    out = Path(out_path)
+    stem = _scan_id(out)[: -len(".dcm")] if out.name.endswith(".dcm") else _scan_id(out)
+    nifti = out if out.name.endswith((".nii", ".nii.gz")) else out.with_name(f"{stem}.nii.gz")
+    return {"nifti": nifti if output_format != "dicom-seg" else None,
+            "seg": out.with_name(f"{stem}.dcm") if output_format != "nifti" else None,
+            "stats": out.with_name(f"{stem}.stats.json") if statistics else None}
+
+
 def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: str = default("predict.device"),
                  tta=default("predict.tta"), batch: int = default("predict.batch_size"), postprocess: bool = True,
-                 connectivity: int = default("postprocess.connectivity"), gate: str = default("predict.gate")) -> dict:
-    """Segment one scan (NIfTI file or DICOM series folder) with trained models; write a label NIfTI.
+                 connectivity: int = default("postprocess.connectivity"), gate: str = default("predict.gate"),
+                 output_format: str = default("predict.output_format"), statistics: bool = False,
+                 series_uid: str | None = None) -> dict:
+    """Segment one scan (NIfTI file or DICOM series folder) with trained models; write a label NIfTI and/or a
+    DICOM-SEG (DICOM input only) and, with ``statistics``, the case's figures (liverseg.statistics) as JSON.
 
     The scan is preprocessed with the window, slice size and mm per pixel the models were trained with (read
     from model_a/model.json), segmented, and post-processed (largest 3D liver component) unless told otherwise.
+    File names follow ``outputs_for(out_path)``.
     """
     import json
     import tempfile
+    import time
 
+    import nibabel as nib
+
+    from liverseg.dicom import read_series
     from liverseg.postprocess import postprocess_case
     from liverseg.preprocess import preprocess_case
+    from liverseg.statistics import case_statistics, model_versions, write_json
 
+    t0 = time.perf_counter()
     in_path, model_dir = Path(in_path), Path(model_dir)
     case = _scan_id(in_path)
+    outs = outputs_for(out_path, output_format, statistics)
+    is_dicom = in_path.is_dir()
+    if outs["seg"] and not is_dicom:
+        if outs["nifti"] is None:
+            raise CaseError(case, f"a DICOM-SEG needs a DICOM series as input; {in_path} is not a folder "
+                                  "(use --output-format nifti or both)")
+        log.warning("case %s: NIfTI input, so no DICOM-SEG (only the NIfTI is written)", case)
+        outs["seg"] = None
+    if series_uid and not is_dicom:
+        raise CaseError(case, f"--series-uid applies to a DICOM folder; {in_path} is not one")
     spec_path = model_dir / "model_a" / "model.json"
     if not spec_path.is_file():
         raise ModelFileError(f"model file missing: {spec_path}")
     spec = json.loads(spec_path.read_text())
     require_mm(spec, spec_path)
     w = spec["window"]
+    models = models_in(model_dir, mode)
     with tempfile.TemporaryDirectory(prefix="liverseg-") as tmp:
+        image = in_path
+        if is_dicom:  # read once (the chosen series) for preprocessing and the statistics' HU
+            image = Path(tmp) / "image.nii"
+            nib.save(read_series(in_path, case, series_uid), str(image))
         h5 = Path(tmp) / "case.h5"
-        preprocess_case(case, in_path, h5, lower=w["lower"], upper=w["upper"], mode=w["mode"],
+        preprocess_case(case, image, h5, lower=w["lower"], upper=w["upper"], mode=w["mode"],
                         size=int(spec["slice_size"]), spacing_mm=spec.get("spacing_mm"))
+        final = outs["nifti"] or Path(tmp) / "final.nii.gz"
         raw = Path(tmp) / "raw.nii.gz"
-        s = predict_case(case, h5, models_in(model_dir, mode), raw if postprocess else out_path, mode=mode,
-                         device=device, tta=tta, batch=batch, gate=gate)
+        s = predict_case(case, h5, models, raw if postprocess else final, mode=mode, device=device, tta=tta,
+                         batch=batch, gate=gate)
         if postprocess:
-            postprocess_case(case, raw, out_path, connectivity=connectivity)
+            postprocess_case(case, raw, final, connectivity=connectivity)
+        versions = model_versions(models)
+        if outs["seg"]:
+            from liverseg.dicomseg import write_seg
+
+            write_seg(case, final, in_path, outs["seg"], series_uid=series_uid, model_versions=versions)
+        if outs["stats"]:
+            stats = {**case_statistics(case, image, final, models), "scan": str(in_path)}
+            write_json(stats, outs["stats"])
+            s["statistics"] = stats
+            liver_ml = stats["liver_ml"]
+        else:
+            pred = nib.load(str(final))
+            liver_ml = float((np.asanyarray(pred.dataobj) >= 1).sum() * np.prod(pred.header.get_zooms()[:3]) / 1000)
+    s.update(liver_ml=liver_ml, seconds=round(time.perf_counter() - t0, 2),
+             outputs={k: str(v) for k, v in outs.items() if v})
     return s
 
 
 def predict_path(in_path, out_path, model_dir, **kw) -> list[dict]:
-    """`liverseg predict`: a NIfTI file or a DICOM series folder -> ``out_path`` (a .nii.gz file, or an existing
-    folder that receives ``<scan id>.nii.gz``); a folder of scans -> ``out_path/<scan id>.nii.gz`` each."""
+    """`liverseg predict`: a NIfTI file or a DICOM series folder -> ``out_path`` (a .nii.gz or .dcm file, or an
+    existing folder that receives ``<scan id>.nii.gz`` / ``.dcm``); a folder of scans -> ``out_path/<scan id>.*``
+    each (predict_many)."""
     from liverseg.dicom import is_dicom_folder
 
     src, out = Path(in_path), Path(out_path)
@@ -222,20 +280,26 @@ def predict_path(in_path, out_path, model_dir, **kw) -> list[dict]:
     if src.is_dir() and not is_dicom_folder(src):
         if out.exists() and not out.is_dir():
             raise CaseError(src.name, f"output {out} is a file; a folder of scans needs an output folder")
+        if kw.get("series_uid"):
+            raise ConfigError("--series-uid names one series: give one DICOM series folder, not a folder of scans")
         return predict_many(src, out, model_dir, **kw)
     if out.is_dir():
         out = out / f"{_scan_id(src)}.nii.gz"
-    elif not out.name.endswith((".nii", ".nii.gz")):
-        raise CaseError(_scan_id(src), f"output {out} is neither an existing folder nor a .nii/.nii.gz file")
+    elif not out.name.endswith((".nii", ".nii.gz", ".dcm")):
+        raise CaseError(_scan_id(src), f"output {out} is neither an existing folder nor a .nii/.nii.gz/.dcm file")
+    elif out.name.endswith(".dcm") and kw.get("output_format", default("predict.output_format")) == "nifti":
+        raise CaseError(_scan_id(src), f"output {out} is a .dcm file: add --output-format dicom-seg (or both)")
     return [predict_scan(src, out, model_dir, **kw)]
 
 
 def predict_many(in_dir, out_dir, model_dir, **kw) -> list[dict]:
-    """Every NIfTI file (and every DICOM series sub-folder) in ``in_dir`` -> ``out_dir/<name>.nii.gz``.
+    """Every NIfTI file (and every DICOM series sub-folder) in ``in_dir`` -> ``out_dir/<name>.*``.
 
-    A scan that fails is reported and skipped; the others go on.  Raises CaseError at the end if any failed.
-    """
+    One progress line per scan (time, liver volume); a scan that fails is reported and skipped, the others go
+    on; the end lists successes and each failure in one line, and raises CaseError if any failed.  With
+    ``statistics``, ``out_dir/statistics.tsv`` holds one row per segmented scan."""
     from liverseg.dicom import is_dicom_folder
+    from liverseg.statistics import write_table
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     scans = sorted(p for p in in_dir.iterdir() if not p.name.startswith(".") and (
@@ -243,12 +307,21 @@ def predict_many(in_dir, out_dir, model_dir, **kw) -> list[dict]:
     if not scans:
         raise CaseError(in_dir.name, f"no NIfTI files or DICOM series folders in {in_dir}")
     out, failed = [], []
-    for p in scans:
+    for i, p in enumerate(scans, start=1):
         try:
-            out.append(predict_scan(p, out_dir / f"{_scan_id(p)}.nii.gz", model_dir, **kw))
+            s = predict_scan(p, out_dir / f"{_scan_id(p)}.nii.gz", model_dir, **kw)
         except CaseError as exc:
-            log.error("%s", exc)
-            failed.append(exc.case)
+            log.error("[%d/%d] %s", i, len(scans), exc)
+            failed.append(exc)
+            continue
+        out.append(s)
+        log.info("[%d/%d] %s: %.1f s, liver %.1f mL", i, len(scans), s["case"], s.get("seconds", 0.0),
+                 s.get("liver_ml", 0.0))
+    if kw.get("statistics") and out:
+        write_table([s["statistics"] for s in out if "statistics" in s], out_dir / "statistics.tsv")
+    log.info("%d of %d scans segmented, %d failed", len(out), len(scans), len(failed))
+    for exc in failed:
+        log.error("failed: %s", exc)
     if failed:
-        raise CaseError(",".join(failed), f"{len(failed)} of {len(scans)} scans failed (see messages above)")
+        raise CaseError(",".join(e.case for e in failed), f"{len(failed)} of {len(scans)} scans failed (see messages above)")
     return out

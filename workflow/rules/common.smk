@@ -87,9 +87,12 @@ def all_targets(wildcards):
     good = sp["train"] + sp["val"] + sp["test"] + sp["predict"]
     # Without labelled test cases there is nothing to evaluate; predict-only cases are still segmented.
     report_files = [f"{R}/report/summary.md", f"{R}/report/dice_per_case.png"] if sp["test"] else []
+    if sp["test"] or sp["predict"]:
+        report_files.append(f"{R}/report/statistics.tsv")
     return (
         [h5(c) for c in good]
         + report_files
+        + expand(f"{R}/dicom_seg/{{experiment}}/{{case}}.dcm", experiment=exps, case=dicom_seg_cases(sp))
         + expand(f"{R}/report/overlays/{{experiment}}/{{case}}.png", experiment=exps, case=sp["test"])
         + expand(f"{R}/postprocess/{{experiment}}/{{case}}.nii.gz", experiment=exps, case=sp["predict"])
     )
@@ -229,6 +232,20 @@ def split_test_fraction():
 def predict_benchmark(experiment, case):
     """Snakemake's timing file of one prediction job (the summary's inference seconds per case)."""
     return f"{R}/benchmarks/predict/{experiment}/{case}.tsv"
+
+
+def statistics_inputs(wildcards):
+    """The statistics JSON of every experiment's test and predict-only cases (results/report/statistics.tsv)."""
+    sp = split_data()
+    return [f"{R}/statistics/{e}/{c}.json" for e in config["experiments"] for c in sp["test"] + sp["predict"]]
+
+
+def dicom_seg_cases(sp):
+    """Predict-only cases whose image is a DICOM series folder get a DICOM-SEG when predict.output_format asks
+    (the workflow always keeps the NIfTI, so dicom-seg and both mean the same here)."""
+    if config["predict"]["output_format"] == "nifti":
+        return []
+    return [c for c in sp["predict"] if os.path.isdir(CASES[c].image)]
 
 
 def summary_inputs(wildcards):
