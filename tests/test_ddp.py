@@ -153,13 +153,15 @@ def _snakemake(wd, *args):
 
 def _train_job(wd, name, train):
     (wd / name).write_text(yaml.safe_dump({"train": train}))
-    out = _snakemake(wd, "-n", "-p", "--configfile", str(wd / "config.yaml"), str(wd / name),
-                     "results/train/model_a/model.pt")
+    # --resources: the default profile's local cap (gpu: 1) would show as the job's request
+    out = _snakemake(wd, "results/train/model_a/model.pt", "-n", "-p", "--resources", "gpu=4",
+                     "--configfile", str(wd / "config.yaml"), str(wd / name))
     block = out[out.index("rule train:"):].split("\n\n")[0]
     cmd = next(ln for ln in out.splitlines() if "liverseg train --role model_a" in ln)
-    return block, cmd.strip()
+    return block, cmd.split("Shell command:", 1)[-1].strip()
 
 
+@pytest.mark.slow  # a workflow run up to the split, then two dry runs: about a minute
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_the_train_rule_runs_torchrun_only_for_several_gpus(split_run, gpus):
     block, cmd = _train_job(split_run, f"g{gpus}.yaml", {"gpus": gpus, "device": "cuda"})
