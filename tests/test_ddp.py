@@ -126,6 +126,14 @@ def test_a_batch_that_does_not_split_is_one_line(tiny_dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- workflow
+def test_gpus_is_how_a_job_runs_not_what_it_learns():
+    from liverseg.config import training_view
+
+    one, four = tiny_config(), tiny_config(train={"gpus": 4})
+    for role in ("classifier", "model_a", "model_b"):
+        assert training_view(one, role) == training_view(four, role)  # the train rule's params and resume key
+
+
 def test_launcher():
     assert launcher(1) == "python -m liverseg"
     assert launcher(4) == "torchrun --standalone --nproc_per_node 4 -m liverseg"

@@ -9,6 +9,10 @@ removes ``last.pt`` when it writes ``model.pt``, so a forced rerun trains every 
 Randomness (sampling, patch placement, augmentation, torch's global RNG) is re-derived from (seed, epoch, draw) at
 each epoch start, so a resumed run produces the same weights as an uninterrupted one.
 
+Data-parallel (``train.gpus`` > 1, started by torchrun; liverseg.parallel): every process trains on its share of
+each global batch, and the run computes what one process computes on the same batches (up to float rounding);
+rank 0 alone validates and writes the checkpoint, log and model, whose files are those of a single-process run.
+
 Best epoch, on the validation cases only:
 - segmenters: mean of liver Dice and tumour Dice, each pooled over every validation voxel (a per-case mean with
   "both empty = 1" would reward never predicting tumour);  model B is validated through the cascade: model A's
@@ -529,7 +533,7 @@ def _train(role, train_h5, val_h5, cfg, outputs, checkpoint_dir, needs, device, 
             loss_sum += float(loss.detach())
             n_batches += 1
             seen += x.shape[0] * (x.shape[1] if kind == "convlstm" else x.shape[2] if kind == "unet3d" else 1)
-            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)  # this process's share
         bar.close()
         loss_sum, seen = sums([loss_sum / procs.world, seen], procs, device)  # the global batches' mean loss
         lr = opt.param_groups[0]["lr"]
