@@ -116,16 +116,20 @@ def _batch(b=4, seed=0):
     return x, y
 
 
+def _draws(n, epoch=0, first=0):
+    return D.augment_draws([(0, epoch, j) for j in range(first, first + n)])
+
+
 def test_augment_at_zero_strength_is_the_identity():
     x, y = _batch()
-    xa, ya = D.augment(x, y, torch.Generator().manual_seed(1), rotate_deg=0, scale=0, intensity=0, flip_prob=0)
+    xa, ya = D.augment(x, y, _draws(4), rotate_deg=0, scale=0, intensity=0, flip_prob=0)
     assert torch.allclose(xa, x, atol=1e-5)
     assert torch.equal(ya, y)
 
 
 def test_augment_flip_mirrors_image_and_label_together():
     x, y = _batch()
-    xa, ya = D.augment(x, y, torch.Generator().manual_seed(1), rotate_deg=0, scale=0, intensity=0, flip_prob=1)
+    xa, ya = D.augment(x, y, _draws(4), rotate_deg=0, scale=0, intensity=0, flip_prob=1)
     assert torch.allclose(xa, x.flip(-1), atol=1e-5)
     assert torch.equal(ya, y.flip(-1))
 
@@ -134,23 +138,38 @@ def test_augmented_label_stays_integer_valued():
     x, _ = _batch()
     y = torch.zeros(4, 16, 20, dtype=torch.long)
     y[:, 4:12, 5:15] = 2  # only 0 and 2: an interpolating warp would invent 1s on the edge
-    xa, ya = D.augment(x, y, torch.Generator().manual_seed(2), rotate_deg=30, scale=0.2, intensity=0.1,
-                       flip_prob=0.5)
+    xa, ya = D.augment(x, y, _draws(4, first=2), rotate_deg=30, scale=0.2, intensity=0.1, flip_prob=0.5)
     assert ya.dtype == torch.int64 and ya.shape == y.shape and xa.shape == x.shape
     assert set(ya.unique().tolist()) <= {0, 2}
     assert not torch.equal(ya, y)  # something did move
 
 
-def test_augment_is_deterministic_in_its_generator_and_shares_draws_within_a_group():
+def test_augment_draws_belong_to_the_sample_and_groups_share_them():
+    """A sample's augmentation follows its draw key alone: the same in any batch, at any position, in any
+    process's share of a batch (data-parallel training); groups (V3 sequences) share one row."""
     x = torch.rand(1, 1, 16, 16).repeat(4, 1, 1, 1)  # four identical samples
     kw = dict(rotate_deg=20, scale=0.15, intensity=0.1, flip_prob=0.5)
-    a, _ = D.augment(x, None, torch.Generator().manual_seed(5), **kw)
-    b, _ = D.augment(x, None, torch.Generator().manual_seed(5), **kw)
-    c, _ = D.augment(x, None, torch.Generator().manual_seed(6), **kw)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    g, _ = D.augment(x, None, torch.Generator().manual_seed(5), group=2, **kw)
+    a, _ = D.augment(x, None, _draws(4), **kw)
+    assert torch.equal(a, D.augment(x, None, _draws(4), **kw)[0])
+    assert not torch.allclose(a, D.augment(x, None, _draws(4, epoch=1), **kw)[0])
+    halves = [D.augment(x[:2], None, _draws(2, first=f), **kw)[0] for f in (0, 2)]
+    assert torch.equal(torch.cat(halves), a)  # the batch split in two gives the same samples
+    rev = D.augment(x, None, D.augment_draws([(0, 0, j) for j in (3, 2, 1, 0)]), **kw)[0]
+    assert torch.equal(rev, a.flip(0))  # reordered keys move their augmentation with them
+    g, _ = D.augment(x, None, _draws(2), group=2, **kw)
     assert torch.equal(g[0], g[1]) and torch.equal(g[2], g[3]) and not torch.allclose(g[0], g[2])
     assert not torch.allclose(a[0], a[1])  # without a group every sample draws its own
+    with pytest.raises(ValueError, match="rows of draws"):
+        D.augment(x, None, _draws(3), **kw)
+
+
+def test_intensity_jitter_is_one_gain_per_sample():
+    x = torch.ones(3, 1, 2, 4, 4)
+    u = _draws(3)
+    out = D.intensity_jitter(x, u, 0.2)
+    gains = out.flatten(1)
+    assert torch.equal(gains, gains[:, :1].expand_as(gains))  # constant within a sample
+    assert torch.allclose(gains[:, 0], 1 + (u[:, D.AUGMENT_DRAWS.index("gain")] * 2 - 1) * 0.2)
 
 
 # ---------------------------------------------------------------------------------------------- datasets

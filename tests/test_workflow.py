@@ -149,7 +149,7 @@ def _with(demo_run, name, override):
 
 def test_config_edits_rerun_only_what_reads_them(demo_run):
     """Each stage's params hold only the config it reads: model B's learning rate retrains B alone and redoes only
-    the V4 predictions after it; how jobs run (threads, device of nothing, HDF5 compression) reruns nothing."""
+    the V4 predictions after it; how jobs run (threads, GPUs per training, HDF5 compression) reruns nothing."""
     split = json.loads((demo_run / "results/split/split.json").read_text())
     jobs = _dry_jobs(demo_run, *_with(demo_run, "blr.yaml", {"train": {**TINY["train"], "model_b": {
         **TINY["train"]["model_b"], "lr": 0.0123}}}))
@@ -159,7 +159,7 @@ def test_config_edits_rerun_only_what_reads_them(demo_run):
     assert re.search(r"output: results/train/model_b/model.pt", r.stdout)
     assert not re.search(r"output: results/train/(classifier|model_a|v1_3dcnn|v3_convlstm)/", r.stdout)
     assert not re.search(r"output: results/predict/(v1_3dcnn|v2_unetpp_cca|v3_convlstm)/", r.stdout)
-    for name, over in (("thr.yaml", {"train": {**TINY["train"], "threads": 2}, "predict": {"threads": 1}}),
+    for name, over in (("thr.yaml", {"train": {**TINY["train"], "threads": 2, "gpus": 2}, "predict": {"threads": 1}}),
                        ("lzf.yaml", {"slices": {**TINY["slices"], "compression": "lzf"}})):
         assert _dry_jobs(demo_run, *_with(demo_run, name, over)) == {}, name
 

@@ -98,7 +98,7 @@ def default(dotted: str):
 
 
 # Settings that change how a job runs, not what it computes: they never retrain a model or restart a checkpoint.
-EXECUTION_ONLY = {"train": ("threads", "device", "workers"), "slices": ("compression",)}
+EXECUTION_ONLY = {"train": ("threads", "device", "workers", "gpus"), "slices": ("compression",)}
 
 
 def training_view(cfg: dict, role: str) -> dict:

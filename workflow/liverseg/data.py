@@ -1,8 +1,9 @@
 """Slices from the per-case HDF5 files as training samples: 2.5D context, liver crops, sampling, augmentation.
 
 Workers of a DataLoader open their own HDF5 handles (h5py handles must not cross a fork).  Randomness lives in
-the training loop, not in the workers: the sampler and the augmentation draw from streams derived from
-(seed, epoch), so a resumed run continues exactly like an uninterrupted one and worker count does not matter.
+streams derived from (seed, epoch) and, per sample, from its draw key (seed, epoch, position in the epoch): a
+resumed run continues exactly like an uninterrupted one, and neither the worker count nor the number of
+data-parallel processes changes what a sample looks like.
 """
 
 from __future__ import annotations
@@ -120,20 +121,35 @@ def epoch_draws(groups: list[list[int]], fractions: list[float], n: int, seed: i
     return [(int(idx[o]), int(grp[o]), (seed, epoch, j)) for j, o in enumerate(order)]
 
 
-def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator, rotate_deg: float, scale: float,
+AUGMENT_DRAWS = ("rotate", "scale", "flip", "gain", "bias")  # the uniforms of one sample's augmentation
+
+
+def augment_draws(keys: list[tuple]) -> torch.Tensor:
+    """(n, len(AUGMENT_DRAWS)) uniforms in [0, 1): row i from the stream of draw key ``keys[i]`` (epoch_draws) alone.
+
+    A sample is augmented the same way whatever batch, batch position or training process it lands in, so a
+    data-parallel run sees exactly the augmented samples of a single-process one.  The stream is the key's with
+    a trailing 1, apart from the one a dataset seeds with the bare key (model B's patch placement)."""
+    rows = [np.random.default_rng([*key, 1]).random(len(AUGMENT_DRAWS)) for key in keys]
+    return torch.from_numpy(np.asarray(rows, np.float64).reshape(len(keys), len(AUGMENT_DRAWS))).float()
+
+
+def augment(x: torch.Tensor, y: torch.Tensor | None, u: torch.Tensor, rotate_deg: float, scale: float,
             intensity: float, flip_prob: float, group: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random rotation/scaling (one affine warp), optional left-right flip and intensity jitter, on a batch.
 
-    ``group`` consecutive samples share one draw (the slices of one V3 sequence move together)."""
+    ``u``: the per-sample uniforms (augment_draws), one row per ``group`` consecutive samples, which share it
+    (the slices of one V3 sequence move together)."""
     b = x.shape[0]
-    n = b // group
+    if u.shape != (b // group, len(AUGMENT_DRAWS)):
+        raise ValueError(f"augment: {b} samples in groups of {group} need {b // group} rows of draws, got {tuple(u.shape)}")
 
-    def draw(*shape):
-        return torch.rand(n, *shape, generator=gen).repeat_interleave(group, dim=0)
+    def draw(name, *shape):
+        return u[:, AUGMENT_DRAWS.index(name)].repeat_interleave(group).view(b, *shape)
 
-    theta = (draw() * 2 - 1) * math.radians(rotate_deg)
-    s = 1 + (draw() * 2 - 1) * scale
-    flip = torch.where(draw() < flip_prob, -1.0, 1.0)
+    theta = (draw("rotate") * 2 - 1) * math.radians(rotate_deg)
+    s = 1 + (draw("scale") * 2 - 1) * scale
+    flip = torch.where(draw("flip") < flip_prob, -1.0, 1.0)
     cos, sin = torch.cos(theta) / s, torch.sin(theta) / s
     mat = torch.zeros(b, 2, 3)
     mat[:, 0, 0], mat[:, 0, 1] = cos * flip, -sin
@@ -143,9 +159,15 @@ def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator, rotat
     if y is not None:
         y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
         y = y[:, 0].long()
-    gain = 1 + (draw(1, 1, 1) * 2 - 1) * intensity
-    bias = (draw(1, 1, 1) * 2 - 1) * intensity * 0.5
+    gain = 1 + (draw("gain", 1, 1, 1) * 2 - 1) * intensity
+    bias = (draw("bias", 1, 1, 1) * 2 - 1) * intensity * 0.5
     return x * gain + bias, y
+
+
+def intensity_jitter(x: torch.Tensor, u: torch.Tensor, intensity: float) -> torch.Tensor:
+    """3D patches (B, 1, D, P, P): a gain per sample from its draws (augment_draws), no warp."""
+    gain = 1 + (u[:, AUGMENT_DRAWS.index("gain")] * 2 - 1) * intensity
+    return x * gain.view(-1, *([1] * (x.dim() - 1)))
 
 
 class SequenceDataset(SliceDataset):

@@ -9,6 +9,10 @@ removes ``last.pt`` when it writes ``model.pt``, so a forced rerun trains every 
 Randomness (sampling, patch placement, augmentation, torch's global RNG) is re-derived from (seed, epoch, draw) at
 each epoch start, so a resumed run produces the same weights as an uninterrupted one.
 
+Data-parallel (``train.gpus`` > 1, started by torchrun; liverseg.parallel): every process trains on its share of
+each global batch, and the run computes what one process computes on the same batches (up to float rounding);
+rank 0 alone validates and writes the checkpoint, log and model, whose files are those of a single-process run.
+
 Best epoch, on the validation cases only:
 - segmenters: mean of liver Dice and tumour Dice, each pooled over every validation voxel (a per-case mean with
   "both empty = 1" would reward never predicting tumour);  model B is validated through the cascade: model A's
@@ -42,14 +46,16 @@ from liverseg import models as M
 from liverseg.errors import ConfigError
 from liverseg.plan import context_distance
 from liverseg.cascade import PooledDice, b_counts, prepare_val_case
-from liverseg.data import (LiverPatchDataset, PatchDataset, SequenceDataset, SliceDataset, augment, epoch_draws,
-                           index_cases, sequence_slices)
+from liverseg.data import (LiverPatchDataset, PatchDataset, SequenceDataset, SliceDataset, augment, augment_draws,
+                           epoch_draws, index_cases, intensity_jitter, sequence_slices)
 from liverseg.geometry import patch_grid
 from liverseg.inference import (case_stride, classify, segment_sequences, slice_probs, sliding_window_3d,
                                 volume_probs)
 from liverseg.inference import tta_transforms
 from liverseg.config import default, training_view
 from liverseg.io import atomic_path, content_sha256
+from liverseg.parallel import (Procs, all_sum, data_parallel, from_main, inner, per_process, processes, share,
+                               sums)
 from liverseg.roles import GATES, ROLES
 
 log = logging.getLogger(__name__)
@@ -138,15 +144,17 @@ def make_spec(cfg: dict, role: str, grid: dict) -> dict:
     return spec
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, procs: Procs = Procs()
+                   ) -> torch.Tensor:
     """1 - mean soft Dice over the foreground classes, pooled over the batch (2D or 3D logits (B, K, ...)).
 
-    Liver and tumour weigh equally, whatever their voxel counts: the tumour-aware half of the loss."""
+    Liver and tumour weigh equally, whatever their voxel counts: the tumour-aware half of the loss.  In a
+    data-parallel run (``procs``) the batch is the global one: the sums are pooled over the processes."""
     probs = torch.softmax(logits.float(), dim=1)[:, 1:]
     onehot = torch.movedim(F.one_hot(target, logits.shape[1]), -1, 1).float()[:, 1:]
     dims = (0,) + tuple(range(2, logits.dim()))
-    inter = (probs * onehot).sum(dim=dims)
-    denom = probs.sum(dim=dims) + onehot.sum(dim=dims)
+    pooled = all_sum(torch.stack([(probs * onehot).sum(dim=dims), probs.sum(dim=dims) + onehot.sum(dim=dims)]), procs)
+    inter, denom = pooled[0], pooled[1]
     return 1 - ((2 * inter + eps) / (denom + eps)).mean()
 
 
@@ -288,6 +296,7 @@ def validate(model, spec, role, val_cases, device, amp, ctx: dict | None = None)
 
 def _select(model, spec, role, val_cases, device, amp, ctx) -> dict:
     """Choose TTA (A, B) and the gate (B) on the validation cases, with the best weights."""
+    model.eval()
     ttas = [False, True] if len(tta_transforms(spec)) > 1 else [False]
     table = []
     if role == "model_a":
@@ -322,11 +331,12 @@ class _LineWriter:
         self.stream.flush()
 
 
-def _progress(iterable, desc: str):
+def _progress(iterable, desc: str, disable: bool = False):
     """A progress bar: live on a terminal; in a rule's log, one line at most every 30 s (tail -f friendly)."""
     if sys.stderr.isatty():
-        return tqdm(iterable, desc=desc, file=sys.stderr, mininterval=1, dynamic_ncols=True)
-    return tqdm(iterable, desc=desc, file=_LineWriter(sys.stderr), mininterval=30, ncols=100, ascii=True)
+        return tqdm(iterable, desc=desc, file=sys.stderr, mininterval=1, dynamic_ncols=True, disable=disable)
+    return tqdm(iterable, desc=desc, file=_LineWriter(sys.stderr), mininterval=30, ncols=100, ascii=True,
+                disable=disable)
 
 
 def _plot(history: list[dict], path: Path, role: str) -> None:
@@ -389,7 +399,8 @@ def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, che
 
     ``needs``: role -> model.pt of the trained models this role depends on (liverseg.roles, column ``needs``).
     ``threads``, ``device``, ``workers``: how the job runs, passed apart from ``cfg`` (config.training_view leaves
-    them out, so changing them retrains nothing)."""
+    them out, so changing them retrains nothing); so is the number of processes: started by torchrun
+    (``train.gpus``, liverseg.parallel), this process trains its share of every batch and rank 0 writes the files."""
     if role not in ROLES:
         raise ValueError(f"unknown model role {role!r}")
     missing = sorted({r for r in ROLES[role]["needs"]} - set(needs or {}))
@@ -398,9 +409,13 @@ def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, che
     absent = [str(p) for p in [*train_h5, *val_h5, *(needs or {}).values()] if not Path(p).is_file()]
     if absent:
         raise ConfigError(f"{role}: input file(s) not found: {', '.join(absent[:5])}")
-    tc, m = cfg["train"], cfg["train"][role]
     torch.set_num_threads(max(1, threads))
-    device = M.resolve_device(device)
+    with processes(M.resolve_device(device)) as (procs, device):
+        return _train(role, train_h5, val_h5, cfg, outputs, checkpoint_dir, needs, device, workers, procs)
+
+
+def _train(role, train_h5, val_h5, cfg, outputs, checkpoint_dir, needs, device, workers, procs: Procs) -> dict:
+    tc, m = cfg["train"], cfg["train"][role]
     amp = bool(tc["amp"]) and device.type == "cuda"
     seed = int(tc["seed"])
     checkpoint_dir = Path(checkpoint_dir)
@@ -408,7 +423,7 @@ def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, che
 
     train_cases = index_cases([str(p) for p in train_h5])
     val_cases = index_cases([str(p) for p in val_h5])
-    if not val_cases:
+    if not val_cases and procs.main:
         log.warning("%s: no validation cases; the last epoch is kept", role)
     spec = make_spec(cfg, role, stored_grid(train_cases + val_cases))
     for c in train_cases + val_cases:
@@ -432,17 +447,22 @@ def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, che
         dataset = SliceDataset(train_cases, items, spec["context"], spec["input_size"])
 
     ctx = {"min_sensitivity": float(tc["min_sensitivity"])}
-    if ROLES[role]["needs"]:
+    if ROLES[role]["needs"] and procs.main:  # only rank 0 validates
         models = _load_needs(role, needs, device)
         if val_cases:
             ctx.update(_prepare_cascade_validation(cfg, spec, val_cases, models, device, amp))
         del models
 
+    per = per_process(m["batch_size"], procs)  # samples of each batch this process trains on (a bad split fails here)
     torch.manual_seed(seed)
     try:
-        model = M.build(spec).to(device)
+        net = M.build(spec).to(device)
     except KeyError as exc:  # smp's answer to an unknown encoder name
         raise ConfigError(f"invalid config value at 'train.{role}.encoder': {str(exc)[:160].strip(chr(34))}") from None
+    # Several processes: ``model`` is the DistributedDataParallel wrapper that trains, ``net`` the model it holds
+    # (validated by rank 0, saved: its state dict is a single-process model's).
+    model = data_parallel(net, procs, device)
+    net = inner(model)
     opt = torch.optim.AdamW(model.parameters(), lr=m["lr"], weight_decay=tc["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=m["epochs"], eta_min=m["lr"] * 0.02)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported())
@@ -456,14 +476,15 @@ def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, che
             log.warning("%s: ignoring unreadable checkpoint %s (%s)", role, ckpt_path, str(exc).splitlines()[0])
             ck = None
         if ck is not None and ck.get("config_hash") == key:
-            model.load_state_dict(ck["model"])
+            net.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
             start_epoch, history, best = int(ck["epoch"]), list(ck["history"]), ck["best"]
-            log.info("%s: resuming from checkpoint after epoch %d (%s)", role, start_epoch, ckpt_path)
+            if procs.main:
+                log.info("%s: resuming from checkpoint after epoch %d (%s)", role, start_epoch, ckpt_path)
             if ck.get("stopped"):  # stopped early before it could write model.pt: no more epochs
                 start_epoch = m["epochs"]
-        elif ck is not None:
+        elif ck is not None and procs.main:
             log.info("%s: checkpoint %s has another resume key (config, data, code or needed models changed); "
                      "starting afresh", role, ckpt_path)
 
@@ -471,38 +492,40 @@ def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, che
     kind = ROLES[role]["kind"]
     for epoch in range(start_epoch, m["epochs"]):
         torch.manual_seed(seed * 100003 + epoch)
-        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
-        draws = epoch_draws(groups, fracs, m["samples_per_epoch"], seed, epoch)
+        # every process draws the whole epoch and takes its share of each global batch (liverseg.parallel.share)
+        draws = share(epoch_draws(groups, fracs, m["samples_per_epoch"], seed, epoch), m["batch_size"], procs)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=m["batch_size"], sampler=draws, num_workers=workers, drop_last=True,
-            persistent_workers=False,
+            dataset, batch_size=per, sampler=draws, num_workers=workers, drop_last=True, persistent_workers=False,
         )
         model.train()
         t0, seen, loss_sum, n_batches = time.time(), 0, 0.0, 0
-        bar = _progress(loader, f"{role} epoch {epoch + 1}/{m['epochs']}")
+        bar = _progress(loader, f"{role} epoch {epoch + 1}/{m['epochs']}", disable=not procs.main)
         aug = tc["augment"]
-        for x, y, has_liver in bar:
+        for b, (x, y, has_liver) in enumerate(bar):
+            u = augment_draws([d[2] for d in draws[b * per : (b + 1) * per]])  # per sample: see data.augment_draws
             if kind == "unet3d":  # 3D patches: intensity jitter only
-                gain = 1 + (torch.rand(x.shape[0], 1, 1, 1, 1, generator=gen) * 2 - 1) * aug["intensity"]
-                x = x * gain
+                x = intensity_jitter(x, u, aug["intensity"])
             elif kind == "convlstm":
                 t = x.shape[1]
-                xa, ya = augment(x.flatten(0, 1), y.flatten(0, 1), gen, aug["rotate_deg"], aug["scale"],
+                xa, ya = augment(x.flatten(0, 1), y.flatten(0, 1), u, aug["rotate_deg"], aug["scale"],
                                  aug["intensity"], aug["flip_prob"], group=t)
                 x, y = xa.view(x.shape), ya
             else:
-                x, y = augment(x, None if role == "classifier" else y, gen, aug["rotate_deg"], aug["scale"],
+                x, y = augment(x, None if role == "classifier" else y, u, aug["rotate_deg"], aug["scale"],
                                aug["intensity"], aug["flip_prob"])
             x = x.to(device, non_blocking=True)
             with M.autocast(device, amp):
                 out = model(x)
                 if kind == "convlstm":
                     out = out.flatten(0, 1)
+                # Means over this process's equal share: DistributedDataParallel's average of the gradients makes
+                # them the global batch's; soft Dice pools its sums over the processes itself.
                 if ROLES[role]["loss"] == "bce":
                     loss = F.binary_cross_entropy_with_logits(out.float(), has_liver.to(device))
                 else:
                     y = y.to(device)
-                    loss = tc["ce_weight"] * F.cross_entropy(out.float(), y) + tc["dice_weight"] * soft_dice_loss(out, y)
+                    loss = (tc["ce_weight"] * F.cross_entropy(out.float(), y)
+                            + tc["dice_weight"] * soft_dice_loss(out, y, procs=procs))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -512,31 +535,40 @@ def train(role: str, train_h5: list, val_h5: list, cfg: dict, outputs: dict, che
             loss_sum += float(loss.detach())
             n_batches += 1
             seen += x.shape[0] * (x.shape[1] if kind == "convlstm" else x.shape[2] if kind == "unet3d" else 1)
-            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)  # this process's share
         bar.close()
+        loss_sum, seen = sums([loss_sum / procs.world, seen], procs, device)  # the global batches' mean loss
         lr = opt.param_groups[0]["lr"]
         sched.step()
         train_s = time.time() - t0
-        val = validate(model, spec, role, val_cases, device, amp, ctx) if val_cases else {"score": float(epoch)}
-        row = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(n_batches, 1), 6), "lr": lr,
-               **{k: round(v, 6) for k, v in val.items() if k != "score"},
-               "seconds": round(time.time() - t0, 2), "slices_per_s": round(seen / max(train_s, 1e-9), 2)}
-        history.append(row)
-        log.info("%s epoch %d: %s", role, epoch + 1, json.dumps(row))
-        if val["score"] > best["score"]:
-            best = {"score": float(val["score"]), "state": copy.deepcopy(model.state_dict()), "epoch": epoch + 1,
-                    "val": {k: float(v) for k, v in val.items()}}
-        stop = bool(patience and epoch + 1 - best["epoch"] >= patience)
-        ck = {"config_hash": key, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-              "scheduler": sched.state_dict(), "history": history, "best": best, "stopped": stop}
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(ck, tmp)
-        _write_csv(history, checkpoint_dir / "log.csv")
-        if stop:
-            log.info("%s: early stop, no improvement for %d epochs", role, patience)
+        stop = False
+        if procs.main:
+            val = validate(net, spec, role, val_cases, device, amp, ctx) if val_cases else {"score": float(epoch)}
+            row = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(n_batches, 1), 6), "lr": lr,
+                   **{k: round(v, 6) for k, v in val.items() if k != "score"},
+                   "seconds": round(time.time() - t0, 2), "slices_per_s": round(seen / max(train_s, 1e-9), 2)}
+            history.append(row)
+            log.info("%s epoch %d: %s", role, epoch + 1, json.dumps(row))
+            if val["score"] > best["score"]:
+                best = {"score": float(val["score"]), "state": copy.deepcopy(net.state_dict()), "epoch": epoch + 1,
+                        "val": {k: float(v) for k, v in val.items()}}
+            stop = bool(patience and epoch + 1 - best["epoch"] >= patience)
+            ck = {"config_hash": key, "epoch": epoch + 1, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                  "scheduler": sched.state_dict(), "history": history, "best": best, "stopped": stop}
+            with atomic_path(ckpt_path) as tmp:
+                torch.save(ck, tmp)
+            _write_csv(history, checkpoint_dir / "log.csv")
+        if from_main(stop, procs, device):  # the other processes wait here while rank 0 validates
+            if procs.main:
+                log.info("%s: early stop, no improvement for %d epochs", role, patience)
             break
 
+    if not procs.main:  # rank 0 writes the model
+        return spec
+    # The saved model is a plain one (BatchNorm, not its synchronised variant) with the best weights.
+    model = M.build(spec).to(device) if procs.distributed else net
     model.load_state_dict(best["state"])
+    model.eval()
     spec.update({
         "best_epoch": best["epoch"], "epochs_run": len(history), "seed": seed,
         "criterion": ("balanced accuracy at the highest threshold with slice sensitivity >= "

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from liverseg.config import training_view, validate as validate_config  # noqa: E402
 from liverseg.errors import ConfigError  # noqa: E402
 from liverseg.ingest import discover  # noqa: E402
+from liverseg.parallel import launcher  # noqa: E402
 from liverseg.roles import EXPERIMENTS, MODES, ROLES  # noqa: E402
 from liverseg.runenv import configure, local_gpus, torch_env_file  # noqa: E402
 
@@ -172,9 +173,13 @@ def gpu_resources(section):
         return slurm_resources(kind).get("slurm_partition", "")
 
     # A GPU job's CPUs: its threads plus its data-loader worker processes (training), so loading keeps up.
+    # A training job on train.gpus GPUs runs one such process per GPU (torchrun), all on one machine.
     workers = config["train"]["workers"] if section == "train" else 0
-    res = {"gpu": lambda wc: int(uses_gpu(section)),
+    gpus = config["train"]["gpus"] if section == "train" else 1
+    res = {"gpu": lambda wc: gpus * int(uses_gpu(section)),
            "cpus_per_gpu": lambda wc, threads: threads + workers if uses_gpu(section) else 0}
+    if gpus > 1:
+        res["nodes"] = 1
     if config["cluster"]["gpu_partition"] or config["cluster"]["cpu_partition"]:
         res["slurm_partition"] = lambda wc: partition("gpu" if uses_gpu(section) else "cpu")
     if config["cluster"]["account"]:

@@ -21,14 +21,16 @@ rule train:
     resources:
         # How the job runs, not what it learns: resources are not rerun triggers (config.EXECUTION_ONLY).
         train_device=config["train"]["device"],
+        # python -m liverseg, or torchrun with one process per GPU when train.gpus > 1 (liverseg.parallel)
+        launch=launcher(config["train"]["gpus"]),
         loader_workers=config["train"]["workers"],
-        mem_mb=lambda wc: ROLES[wc.role]["mem_mb"],
+        mem_mb=lambda wc: ROLES[wc.role]["mem_mb"] * config["train"]["gpus"],
         runtime=lambda wc: ROLES[wc.role]["runtime"],
         **gpu_resources("train"),
     conda:
         torch_env("train")
     shell:
-        "python -m liverseg train --role {wildcards.role} --config-json {params.cfg:q}"
+        "{resources.launch} train --role {wildcards.role} --config-json {params.cfg:q}"
         " --train {input.train:q} --val {input.val:q} {params.needs} --checkpoint-dir {params.ckpt:q}"
         " --threads {threads} --device {resources.train_device} --workers {resources.loader_workers} --out-model {output.model:q} --out-spec {output.spec:q} --out-log {output.log_csv:q}"
         " --out-curves {output.curves:q} > {log:q} 2>&1"
