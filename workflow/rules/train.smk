@@ -22,13 +22,13 @@ rule train:
         # How the job runs, not what it learns: resources are not rerun triggers (config.EXECUTION_ONLY).
         train_device=config["train"]["device"],
         loader_workers=config["train"]["workers"],
-        mem_mb=lambda wc: ROLES[wc.role]["mem_mb"],
-        runtime=lambda wc: ROLES[wc.role]["runtime"],
+        **train_sized(),
         **gpu_resources("train"),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m liverseg train --role {wildcards.role} --config-json {params.cfg:q}"
+        "python -m liverseg.gpuslot --slots {resources.gpu_slots} --take {resources.gpu_take} --"
+        " python -m liverseg train --role {wildcards.role} --config-json {params.cfg:q}"
         " --train {input.train:q} --val {input.val:q} {params.needs} --checkpoint-dir {params.ckpt:q}"
         " --threads {threads} --device {resources.train_device} --workers {resources.loader_workers} --out-model {output.model:q} --out-spec {output.spec:q} --out-log {output.log_csv:q}"
         " --out-curves {output.curves:q} > {log:q} 2>&1"
