@@ -173,6 +173,10 @@ def _train_job(wd, name, train):
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_the_train_rule_runs_torchrun_only_for_several_gpus(split_run, gpus):
     block, cmd = _train_job(split_run, f"g{gpus}.yaml", {"gpus": gpus, "device": "cuda"})
+    # A local run wraps GPU jobs in liverseg.gpuslot, which takes `gpus` GPUs (none here: this machine shows 0).
+    slot = re.match(r"python -m liverseg\.gpuslot --slots (\d+) --take (\d+) -- ", cmd)
+    assert slot and int(slot.group(2)) == gpus, cmd
+    cmd = cmd[slot.end():]
     if gpus == 1:
         assert cmd.startswith("python -m liverseg train --role model_a") and "torchrun" not in cmd
     else:

@@ -154,3 +154,38 @@ def test_fault_matrix(tmp_path):
     assert fix in split["test"] and fix not in split["failed"]
     rows = (res / "evaluate/v2_unetpp_cca/post/per_case.tsv").read_text().splitlines()[1:]
     assert fix in {r.split("\t")[0] for r in rows}
+
+
+def test_checks_that_crash_or_run_out_of_memory_leave_verdicts_and_the_split_goes_on(tmp_path):
+    """A reader exception nothing expects and a case too big for the check's memory (the rule passes its mem_mb
+    on as the reading process's limit) are failed verdicts: the split comes out with the other cases."""
+    import struct
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(4):
+        write_case(300 + i, data / f"g{i}_img.nii.gz", data / f"g{i}_lab.nii.gz", PhantomSpec(size=48, slices=16))
+        rows.append((f"g{i}", f"g{i}_img.nii.gz", f"g{i}_lab.nii.gz"))
+    write_nifti(data / "odd.nii", np.arange(512, dtype=np.int16).reshape(8, 8, 8))
+    raw = bytearray((data / "odd.nii").read_bytes())
+    struct.pack_into("<h", raw, 70, 999)  # unknown NIfTI data type code: nibabel raises HeaderDataError
+    (data / "odd.nii").write_bytes(bytes(raw))
+    rows.append(("odd", "odd.nii", ""))
+    big = np.zeros((512, 512, 300), np.int16)  # 150 MB as an array, about 1 MB compressed
+    big[::7, ::5, ::3] = 40
+    write_nifti(data / "big.nii.gz", big)
+    rows.append(("big", "big.nii.gz", ""))
+    (data / "samples.tsv").write_text("case_id\timage\tlabel\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in rows))
+    wd = tmp_path / "run"
+    wd.mkdir()
+    cfg = {"dataset": {"source": "samplesheet", "samplesheet": str(data / "samples.tsv")},
+           "resources": {"check_case": {"mem_mb": 400, "mem_per_mb": 0}}}
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = _snakemake(wd, "results/split/split.json")
+    assert r.returncode == 0, r.stderr[-4000:]
+    split = json.loads((wd / "results/split/split.json").read_text())
+    assert set(split["failed"]) == {"odd", "big"}, split["failed"]
+    assert "HeaderDataError" in split["failed"]["odd"]
+    assert split["failed"]["big"].startswith("case big: out of memory while reading it (limit 400 MB")
+    assert set(split["train"] + split["val"] + split["test"]) == {f"g{i}" for i in range(4)}

@@ -1,3 +1,6 @@
+import json
+import time
+
 import numpy as np
 import pytest
 
@@ -148,3 +151,84 @@ def test_an_unexpected_failure_is_a_verdict_not_a_crash(tmp_path, monkeypatch):
     assert status["ok"] is False and status["error"].startswith("case c9: unexpected error while reading it")
     assert "MemoryError: cannot allocate" in status["error"]
     assert json.loads((tmp_path / "c9.json").read_text()) == status
+
+
+# ------------------------------------------------------------------ a check that crashes still leaves a verdict
+def _unknown_dtype_nifti(path):
+    """A NIfTI whose header names data type code 999: nibabel raises HeaderDataError, which nothing expects."""
+    import struct
+
+    write_nifti(path, np.arange(64, dtype=np.int16).reshape(4, 4, 4))
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<h", raw, 70, 999)  # the datatype field of the NIfTI-1 header
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _big_volume(path, slices=300):
+    """512 x 512 x ``slices`` int16 (150 MB in memory at 300) that compresses to about a megabyte."""
+    a = np.zeros((512, 512, slices), np.int16)
+    a[::7, ::5, ::3] = 40
+    return write_nifti(path, a)
+
+
+def _check_cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
+    return subprocess.run([sys.executable, "-m", "liverseg", "check", *map(str, args)], capture_output=True,
+                          text=True, env=env)
+
+
+def test_an_unexpected_reader_exception_is_a_verdict(tmp_path):
+    from liverseg.ingest import check_case_isolated
+
+    status = check_case_isolated("odd", _unknown_dtype_nifti(tmp_path / "odd.nii"), tmp_path / "odd.json")
+    assert not status["ok"] and "HeaderDataError" in status["error"] and status["error"].startswith("case odd: ")
+    assert json.loads((tmp_path / "odd.json").read_text()) == status
+
+
+def test_a_check_over_its_memory_limit_fails_with_a_verdict_and_a_small_case_passes(tmp_path):
+    big = _big_volume(tmp_path / "big.nii.gz")
+    r = _check_cli("--case", "big", "--image", big, "--max-memory-mb", 400, tmp_path / "big.json")
+    assert r.returncode == 0, r.stderr[-2000:]  # the job succeeds, so the other cases go on
+    v = json.loads((tmp_path / "big.json").read_text())
+    assert not v["ok"] and v["error"] == ("case big: out of memory while reading it (limit 400 MB, the job's mem_mb: "
+                                          "raise resources.check_case in the config)"), v
+    assert r.stderr.strip().splitlines()[-1] == f"liverseg check: error: {v['error']}"
+    # the same limit is plenty for a small case, and the big one passes without it: the limit made the difference
+    small = write_nifti(tmp_path / "small.nii.gz", np.arange(4096, dtype=np.int16).reshape(16, 16, 16))
+    assert _check_cli("--case", "s", "--image", small, "--max-memory-mb", 400, tmp_path / "s.json").returncode == 0
+    assert json.loads((tmp_path / "s.json").read_text())["ok"]
+    assert _check_cli("--case", "big", "--image", big, tmp_path / "big2.json").returncode == 0
+    assert json.loads((tmp_path / "big2.json").read_text())["ok"]
+
+
+def test_a_check_killed_by_a_signal_is_a_verdict(tmp_path):
+    """What the out-of-memory killer does: SIGKILL to the process reading the case, which can write nothing."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    from liverseg.ingest import check_case_isolated
+
+    big = _big_volume(tmp_path / "big.nii.gz")
+    (tmp_path / "big.json").write_text('{"case": "big", "ok": true, "error": ""}\n')  # a stale verdict
+
+    def oom_killer():
+        while not multiprocessing.active_children():
+            time.sleep(0.005)
+        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+
+    t = threading.Thread(target=oom_killer)
+    t.start()
+    status = check_case_isolated("big", big, tmp_path / "big.json", max_memory_mb=8000)
+    t.join()
+    assert status == {"case": "big", "ok": False, "error": "case big: the check was killed by SIGKILL (the "
+                      "out-of-memory killer sends this) while reading it; memory limit 8000 MB"}
+    assert json.loads((tmp_path / "big.json").read_text()) == status

@@ -98,6 +98,16 @@ def test_demo_dag_through_sbatch(slurm, tmp_path):
     alloc = sacct([j for j, rule in jobs.items() if rule == "train"], ("AllocCPUS", "ReqMem"))
     assert alloc and all(int(cpus) == 2 for cpus, _ in alloc.values()), alloc
     assert {mem for _, mem in alloc.values()} == {"1500M"}, alloc  # the rule's mem_mb (set by run_on_slurm)
+    # check_case keeps its own mem_mb and runtime: computed from the case's header (liverseg.resources)
+    from liverseg import resources as jobres
+    from liverseg.config import validate
+
+    ph = tmp_path / "results" / "ingest" / "phantom"
+    mb = jobres.volume_mb([ph / "volume-0.nii.gz", ph / "segmentation-0.nii.gz"])
+    spec = validate({})["resources"]["check_case"]
+    checks = sacct([j for j, rule in jobs.items() if rule == "check_case"], ("ReqMem", "Timelimit"))
+    assert checks and set(checks.values()) == {(f"{jobres.mem_mb(spec, mb)}M",
+                                                f"00:{jobres.runtime(spec, mb):02d}:00")}, checks
     res = tmp_path / "results"
     split = yaml.safe_load((res / "split" / "split.json").read_text())
     for exp in cfg["experiments"]:

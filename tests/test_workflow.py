@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -236,3 +237,50 @@ def test_dicom_predict_only_cases_get_a_seg_and_every_case_statistics(tmp_path, 
     jobs = _dry_jobs(wd)
     assert jobs["statistics"] == 2 * (len(split["test"]) + 1) and jobs["collect_statistics"] == 1
     assert jobs.get("dicom_seg", 0) == seg_jobs
+
+
+@pytest.mark.slow
+def test_jobs_ask_for_memory_by_case_size_and_a_local_gpu_job_gets_its_own_gpu(tmp_path):
+    """mem_mb comes from the case's header (shape x stored itemsize x the config's factor) and reaches the check
+    as its memory limit; with local_gpus: 2 each GPU job runs under liverseg.gpuslot with two slots, and on a
+    machine whose jobs need no GPU the wrapper is given none."""
+    import h5py
+
+    from liverseg import resources as jobres
+    from liverseg.roles import ROLES
+
+    wd = tmp_path / "wf"
+    wd.mkdir()
+    factor = {"mem_mb": 500, "mem_per_mb": 1000, "runtime": 5, "runtime_per_gb": 100000}
+    cfg = {**TINY, "dataset": {"source": "phantom", "phantom": {"n_cases": 4, "size": 64, "slices": 24, "seed": 1}},
+           "experiments": ["v2_unetpp_cca"], "resources": {"local_gpus": 2, "check_case": factor},
+           "train": {**TINY["train"], "device": "auto"}, "predict": {"device": "auto"}}
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(wd, "data")
+    r = snakemake(wd, "-n", "-p", "--forcerun", "check_case")
+    ph = wd / "results/ingest/phantom"
+    mb = jobres.nifti_mb(ph / "volume-0.nii.gz") + jobres.nifti_mb(ph / "segmentation-0.nii.gz")
+    assert mb == pytest.approx(64 * 64 * 24 * 3 / 2**20)  # int16 image + uint8 label
+    mem, minutes = 500 + int(np.ceil(1000 * mb)), 5 + int(np.ceil(100000 * mb / 1024))
+    block = next(b for b in r.stdout.split("\n\n") if "output: results/ingest/checks/0.json" in b)
+    assert re.search(rf"resources: .*runtime={minutes}, mem_mb={mem}\b", block), block
+    assert f"--max-memory-mb {mem} " in r.stdout
+    # training: the role's base plus memory for its largest case (a plain dry run: the split stands)
+    r = snakemake(wd, "-n", "-p")
+    split = json.loads((wd / "results/split/split.json").read_text())
+    largest = max(jobres.h5_mb(wd / f"results/preprocess/{c}.h5") for c in split["train"] + split["val"])
+    with h5py.File(wd / f"results/preprocess/{split['train'][0]}.h5") as f:
+        assert jobres.h5_mb(wd / f"results/preprocess/{split['train'][0]}.h5") == pytest.approx(
+            f["image"].size * 3 / 2**20)
+    block = _job_block(r.stdout, "train")
+    role = re.search(r"wildcards: role=(\w+)", block).group(1)
+    assert re.search(rf"mem_mb={ROLES[role]['mem_mb'] + int(np.ceil(4 * largest))}\b", block), block
+    for rule in ("train", "predict-case"):
+        cmd = next(ln for ln in r.stdout.splitlines() if f"liverseg {rule}" in ln).removeprefix("Shell command: ")
+        assert cmd.startswith("python -m liverseg.gpuslot --slots 2 --take 1 -- python -m liverseg "), cmd
+    over = {"train": {**TINY["train"], "device": "cpu"}, "predict": {"device": "cpu"}}
+    (wd / "cpu.yaml").write_text(yaml.safe_dump(over))
+    r = snakemake(wd, "-n", "-p", "--configfile", str(wd / "config.yaml"), str(wd / "cpu.yaml"))
+    for rule in ("train", "predict-case"):
+        cmd = next(ln for ln in r.stdout.splitlines() if f"liverseg {rule}" in ln).removeprefix("Shell command: ")
+        assert cmd.startswith("python -m liverseg.gpuslot --slots 0 --take 1 -- "), cmd

@@ -73,9 +73,10 @@ def _cmd_cases(a):
 
 
 def _cmd_check(a):
-    from liverseg.ingest import check_case
+    from liverseg.ingest import check_case_isolated
 
-    status = check_case(a.case, a.image, a.out, label_path=a.label, affine_tolerance=a.affine_tolerance)
+    status = check_case_isolated(a.case, a.image, a.out, label_path=a.label, affine_tolerance=a.affine_tolerance,
+                                 max_memory_mb=a.max_memory_mb)
     if not status["ok"]:
         # The verdict is recorded; the job itself succeeds so that the other cases go on.
         print(f"liverseg check: error: {status['error']}", file=sys.stderr)
@@ -241,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", required=True)
     s.add_argument("--label")
     s.add_argument("--affine-tolerance", type=float, default=D("ingest.affine_tolerance"))
+    s.add_argument("--max-memory-mb", type=int, default=0, metavar="MB",
+                   help="memory the check may use (the workflow passes the job's mem_mb); above it the case fails "
+                        "with a verdict instead of swapping or being killed (0 = no limit)")
     s.add_argument("out")
     s.set_defaults(func=_cmd_check)
 

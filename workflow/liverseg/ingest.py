@@ -290,3 +290,73 @@ def check_case(case: str, image_path, out_json, label_path=None, affine_toleranc
     with atomic_path(out_json) as tmp:
         Path(tmp).write_text(json.dumps(status) + "\n")
     return status
+
+
+def _check_child(case, image_path, out_json, label_path, affine_tolerance, max_memory_mb) -> None:
+    """Body of the child process of ``check_case_isolated``: cap its address space, then check."""
+    if max_memory_mb:
+        import resource
+
+        limit = int(max_memory_mb) * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    check_case(case, image_path, out_json, label_path, affine_tolerance)
+
+
+def _rss_mb() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024 + 1
+    except OSError:
+        pass
+    return 0
+
+
+def check_case_isolated(case: str, image_path, out_json, label_path=None,
+                        affine_tolerance: float = default("ingest.affine_tolerance"), max_memory_mb: int = 0) -> dict:
+    """``check_case`` in a child process, so that a check that dies (killed by a signal such as the out-of-memory
+    killer's SIGKILL, a crash in a C library, a memory limit hit while starting) still leaves a verdict: the split
+    waits for every case's verdict and must never wait on a dead job.
+
+    ``max_memory_mb`` (0 = none) caps the child's address space (RLIMIT_AS) at that figure less this process's
+    own memory, so a case too big for the job's ``mem_mb`` fails cleanly as a verdict instead of swapping or
+    being killed by the scheduler."""
+    import multiprocessing
+    import os
+    import signal
+
+    out = Path(out_json)
+    out.unlink(missing_ok=True)  # a verdict from an earlier run must not pass for this one's
+    limit = max(int(max_memory_mb) - _rss_mb(), 1) if max_memory_mb else 0
+    # One BLAS thread: the check does no linear algebra, and each extra thread reserves address space that a
+    # memory limit would count.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    # spawn, not fork: a fresh interpreter, nothing of this process's state (threads, locks) copied into it
+    child = multiprocessing.get_context("spawn").Process(
+        target=_check_child, args=(case, str(image_path), str(out), label_path and str(label_path),
+                                   affine_tolerance, limit), name=f"check-{case}")
+    child.start()
+    child.join()
+    code = child.exitcode
+    if out.exists():  # the child recorded its verdict (ok, or a one-line error) before it ended
+        status = json.loads(out.read_text())
+        if not status["ok"] and "(MemoryError" in status["error"] and max_memory_mb:
+            status["error"] = (f"case {case}: out of memory while reading it (limit {max_memory_mb} MB, the job's "
+                               f"mem_mb: raise resources.check_case in the config)")
+        else:
+            return status
+    elif code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+        why = " (the out-of-memory killer sends this)" if -code == signal.SIGKILL else ""
+        limit_txt = f"; memory limit {max_memory_mb} MB" if max_memory_mb else ""
+        status = {"case": case, "ok": False,
+                  "error": f"case {case}: the check was killed by {name}{why} while reading it{limit_txt}"}
+    else:
+        limit_txt = (f" (memory limit {max_memory_mb} MB: too little to start?)" if max_memory_mb else "")
+        status = {"case": case, "ok": False,
+                  "error": f"case {case}: the check exited with status {code} without a verdict{limit_txt}"}
+    log.error("%s", status["error"])
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(json.dumps(status) + "\n")
+    return status

@@ -12,6 +12,7 @@ from liverseg.errors import ConfigError  # noqa: E402
 from liverseg.ingest import discover  # noqa: E402
 from liverseg.parallel import launcher  # noqa: E402
 from liverseg.roles import EXPERIMENTS, MODES, ROLES  # noqa: E402
+from liverseg import resources as jobres  # noqa: E402
 from liverseg.runenv import configure, local_gpus, torch_env_file  # noqa: E402
 
 configure(workflow.basedir)
@@ -145,6 +146,12 @@ def slurm_resources(kind):
     return out
 
 
+def n_local_gpus():
+    """GPUs local runs give GPU jobs one each: config resources.local_gpus, or those this machine shows."""
+    n = config["resources"]["local_gpus"]
+    return local_gpus() if n == "auto" else n
+
+
 def uses_gpu(section):
     """A training/prediction job asks for a GPU only when one is configured: device cuda, or auto where a GPU is
     (the machine running Snakemake, or any cluster executor, whose nodes Snakemake cannot see).  Evaluated at job
@@ -153,7 +160,19 @@ def uses_gpu(section):
     device = config[section]["device"]
     if device != "auto":
         return device == "cuda"
-    return not workflow.local_exec or local_gpus() > 0
+    return not workflow.local_exec or n_local_gpus() > 0
+
+
+def gpus_per_job(section):
+    """GPUs one job of ``section`` uses (train.gpus for data-parallel training; prediction uses one)."""
+    return config["train"]["gpus"] if section == "train" else 1
+
+
+def gpu_slots(section):
+    """``--slots`` of liverseg.gpuslot, which runs a GPU job of a local run on its own GPU(s): the local GPU
+    count, or 0 (command untouched) on a cluster executor, whose scheduler sets CUDA_VISIBLE_DEVICES itself
+    (inside a SLURM job the job-step executor is not local either), and for jobs without a GPU."""
+    return n_local_gpus() if workflow.local_exec and uses_gpu(section) else 0
 
 
 def torch_env(section):
@@ -167,7 +186,9 @@ def torch_env(section):
 
 
 def gpu_resources(section):
-    """GPU request of training/prediction jobs (see uses_gpu), with the matching SLURM partition."""
+    """GPU request of training/prediction jobs (see uses_gpu), with the matching SLURM partition, and the GPU
+    slots of a local run (gpu_slots; resources rather than params, so a local run and a cluster run of the same
+    job are not reruns of each other)."""
 
     def partition(kind):
         return slurm_resources(kind).get("slurm_partition", "")
@@ -175,16 +196,58 @@ def gpu_resources(section):
     # A GPU job's CPUs: its threads plus its data-loader worker processes (training), so loading keeps up.
     # A training job on train.gpus GPUs runs one such process per GPU (torchrun), all on one machine.
     workers = config["train"]["workers"] if section == "train" else 0
-    gpus = config["train"]["gpus"] if section == "train" else 1
-    res = {"gpu": lambda wc: gpus * int(uses_gpu(section)),
-           "cpus_per_gpu": lambda wc, threads: threads + workers if uses_gpu(section) else 0}
-    if gpus > 1:
-        res["nodes"] = 1
+    res = {"gpu": lambda wc: int(uses_gpu(section)) * gpus_per_job(section),
+           "cpus_per_gpu": lambda wc, threads: threads + workers if uses_gpu(section) else 0,
+           "gpu_slots": lambda wc: gpu_slots(section),
+           "gpu_take": gpus_per_job(section)}
+    if gpus_per_job(section) > 1:
+        res["nodes"] = 1  # torchrun --standalone: every process of the job on one machine
     if config["cluster"]["gpu_partition"] or config["cluster"]["cpu_partition"]:
         res["slurm_partition"] = lambda wc: partition("gpu" if uses_gpu(section) else "cpu")
     if config["cluster"]["account"]:
         res["slurm_account"] = config["cluster"]["account"]
     return res
+
+
+# ---------------------------------------------------------------- job size
+def _files(input, names):
+    """The input files under ``names`` (all of them when none are named); a name a job lacks adds nothing."""
+    if not names:
+        return list(input)
+    out = []
+    for n in names:
+        v = getattr(input, n, [])
+        out += [v] if isinstance(v, str) else list(v)
+    return out
+
+
+def sized(rule, *names, kind="nifti"):
+    """mem_mb and runtime of ``rule`` from the size of its input volumes ``names`` (liverseg.resources, factors
+    from config resources.<rule>), times the attempt, so a retry asks for more.  An input not made yet leaves
+    them to be determined until it is (Snakemake evaluates them again before the job starts)."""
+    spec = config["resources"][rule]
+
+    def size(input):
+        return jobres.volume_mb(_files(input, names), kind)
+
+    return {"mem_mb": lambda wc, input, attempt: jobres.mem_mb(spec, size(input), attempt),
+            "runtime": lambda wc, input, attempt: jobres.runtime(spec, size(input), attempt)}
+
+
+def train_sized():
+    """Training: the role's base (liverseg.roles) plus memory for its largest case (slices stream from HDF5;
+    validation reads one whole case at a time) and time for all of its cases, times the attempt."""
+    spec = config["resources"]["train"]
+
+    def sizes(input):
+        return [jobres.h5_mb(f) for f in _files(input, ("train", "val"))]
+
+    # A data-parallel job (train.gpus > 1) runs one process per GPU, each with its own loaders and model.
+    gpus = config["train"]["gpus"]
+    return {"mem_mb": lambda wc, input, attempt: gpus * jobres.mem_mb(spec, max(sizes(input), default=0), attempt,
+                                                                       base=ROLES[wc.role]["mem_mb"]),
+            "runtime": lambda wc, input, attempt: jobres.runtime(spec, sum(sizes(input)), attempt,
+                                                                 base=ROLES[wc.role]["runtime"])}
 
 
 # ---------------------------------------------------------------- prediction and evaluation

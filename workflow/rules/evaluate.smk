@@ -9,8 +9,7 @@ rule evaluate_case:
     params:
         tol=config["ingest"]["affine_tolerance"],
     resources:
-        mem_mb=4000,
-        runtime=20,
+        **sized("evaluate_case", "pred", "ref"),
         **slurm_resources("cpu"),
     conda:
         "../../envs/imaging.yaml"

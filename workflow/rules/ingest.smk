@@ -49,11 +49,12 @@ rule check_case:
         label=lambda wc: f"--label {shlex.quote(case_label(wc))}" if case_label(wc) else "",
         tol=config["ingest"]["affine_tolerance"],
     resources:
-        mem_mb=4000,
-        runtime=20,
+        **sized("check_case", "image", "label"),
         **slurm_resources("cpu"),
     conda:
         "../../envs/imaging.yaml"
     shell:
+        # The reading runs in a child process capped at the job's memory: a case too big, or a crash, is a
+        # failed verdict, never a job without one (the split waits for every verdict).
         "python -m liverseg check --case {wildcards.case:q} --image {params.image:q} {params.label}"
-        " --affine-tolerance {params.tol} {output:q} > {log:q} 2>&1"
+        " --affine-tolerance {params.tol} --max-memory-mb {resources.mem_mb} {output:q} > {log:q} 2>&1"

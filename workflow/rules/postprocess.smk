@@ -10,8 +10,7 @@ rule postprocess:
         min_lesion=config["postprocess"]["min_lesion_mm3"],
         fill="--fill-holes" if config["postprocess"]["fill_holes"] else "",
     resources:
-        mem_mb=4000,
-        runtime=20,
+        **sized("postprocess"),
         **slurm_resources("cpu"),
     conda:
         "../../envs/imaging.yaml"

@@ -21,13 +21,13 @@ rule predict:
         # How the job runs: not rerun triggers.
         predict_device=config["predict"]["device"],
         predict_batch=config["predict"]["batch_size"],
-        mem_mb=8000,
-        runtime=60,
+        **sized("predict", "h5", kind="h5"),
         **gpu_resources("predict"),
     conda:
         torch_env("predict")
     shell:
-        "python -m liverseg predict-case --case {wildcards.case:q} --h5 {input.h5:q} {params.models}"
+        "python -m liverseg.gpuslot --slots {resources.gpu_slots} --take {resources.gpu_take} --"
+        " python -m liverseg predict-case --case {wildcards.case:q} --h5 {input.h5:q} {params.models}"
         " --mode {params.mode} --device {resources.predict_device} --tta {params.tta} --gate {params.gate}"
         " --batch {resources.predict_batch} --threads {threads}"
         " --scores {output.scores:q} {output.seg:q} > {log:q} 2>&1"

@@ -38,8 +38,7 @@ rule preprocess:
         # A storage choice, not a content choice: as a resource (not a rerun trigger) a change applies to cases
         # written from then on and reruns nothing (params would rewrite every HDF5 file and retrain every model).
         compression=config["slices"]["compression"],
-        mem_mb=4000,
-        runtime=30,
+        **sized("preprocess", "image", "label"),
         **slurm_resources("cpu"),
     conda:
         "../../envs/imaging.yaml"

@@ -24,13 +24,13 @@ rule train:
         # python -m liverseg, or torchrun with one process per GPU when train.gpus > 1 (liverseg.parallel)
         launch=launcher(config["train"]["gpus"]),
         loader_workers=config["train"]["workers"],
-        mem_mb=lambda wc: ROLES[wc.role]["mem_mb"] * config["train"]["gpus"],
-        runtime=lambda wc: ROLES[wc.role]["runtime"],
+        **train_sized(),
         **gpu_resources("train"),
     conda:
         torch_env("train")
     shell:
-        "{resources.launch} train --role {wildcards.role} --config-json {params.cfg:q}"
+        "python -m liverseg.gpuslot --slots {resources.gpu_slots} --take {resources.gpu_take} --"
+        " {resources.launch} train --role {wildcards.role} --config-json {params.cfg:q}"
         " --train {input.train:q} --val {input.val:q} {params.needs} --checkpoint-dir {params.ckpt:q}"
         " --threads {threads} --device {resources.train_device} --workers {resources.loader_workers} --out-model {output.model:q} --out-spec {output.spec:q} --out-log {output.log_csv:q}"
         " --out-curves {output.curves:q} > {log:q} 2>&1"
