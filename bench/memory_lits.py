@@ -125,7 +125,7 @@ def main():
     ap.add_argument("--slices", type=int, default=900)
     ap.add_argument("--light", action="store_true", help="small encoders and decoders, every grid size kept")
     ap.add_argument("--grid", default="512:native", help="stored grid SIZE:MM (MM native = the scan's 0.78 mm)")
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
     ap.add_argument("--workdir", default=None, help="keep the files here (default: a temporary folder)")
     a = ap.parse_args()
     size, mm = int(a.grid.split(":")[0]), a.grid.split(":")[1]
