@@ -180,13 +180,16 @@ def lesion_detection(pred: np.ndarray, ref: np.ndarray, iou_threshold: float = 0
 def case_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing) -> list[dict]:
     """One row per class (liver = label >= 1, tumour = label == 2) with every metric."""
     rows = []
-    for cls, pm, rm in (("liver", pred_labels >= 1, ref_labels >= 1), ("tumour", pred_labels == 2, ref_labels == 2)):
+    for cls in ("liver", "tumour"):
+        # One class's masks at a time (bool, half the int16 volume each): memory at 512 x 512 x 900 (issue 13).
+        pm, rm = (pred_labels >= 1, ref_labels >= 1) if cls == "liver" else (pred_labels == 2, ref_labels == 2)
         row = {"class": cls, **binary_metrics(pm, rm, spacing)}
         if cls == "tumour":
             row.update(lesion_detection(pm, rm))
-            liver_p, liver_r = np.count_nonzero(pred_labels >= 1), np.count_nonzero(ref_labels >= 1)
+            liver_p, liver_r = rows[0]["pred_voxels"], rows[0]["ref_voxels"]
             burden_p = np.count_nonzero(pm) / liver_p if liver_p else 0.0
             burden_r = np.count_nonzero(rm) / liver_r if liver_r else 0.0
             row["tumour_burden_error"] = abs(burden_p - burden_r)
+        del pm, rm
         rows.append(row)
     return rows
