@@ -9,7 +9,6 @@ import torch
 from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
 
 import liverseg.predict as P
-from liverseg.cascade import AOutput
 from liverseg.errors import ModelFileError
 from liverseg.phantom import PhantomSpec, generate
 from liverseg.preprocess import preprocess_case
@@ -36,9 +35,9 @@ def test_prediction_lands_on_the_original_grid(tmp_path, monkeypatch, codes):
     spec = {"window": {"mode": "fixed", "lower": -150.0, "upper": 250.0}, "slice_size": 40, "spacing_mm": 4.0}
     monkeypatch.setattr(P, "load_ensemble", lambda *a, **k: (None, spec))
 
-    def oracle(model, spec, image, device, **kw):  # model A's probabilities = the one-hot reference label
-        onehot = np.moveaxis(np.eye(3, dtype=np.float16)[label], -1, 1)
-        return AOutput(onehot, label)
+    def oracle(model, spec, image, device, on_batch=None, **kw):  # model A's probabilities = the one-hot label
+        on_batch(list(range(len(label))), torch.from_numpy(np.moveaxis(np.eye(3, dtype=np.float32)[label], -1, 1)))
+        return label
 
     monkeypatch.setattr(P, "run_a", oracle)
     P.predict_case("5", h5, P.models_in(tmp_path / "models", "model_a"), tmp_path / "pred.nii.gz", tmp_path / "s.tsv", mode="model_a")
@@ -67,9 +66,9 @@ def test_prediction_lands_on_the_original_grid_from_non_square_anisotropic_slice
     spec = {"window": {"mode": "fixed", "lower": -150.0, "upper": 250.0}, "slice_size": GRID, "spacing_mm": TARGET}
     monkeypatch.setattr(P, "load_ensemble", lambda *a, **k: (None, spec))
 
-    def oracle(model, spec, image, device, **kw):
-        onehot = np.moveaxis(np.eye(3, dtype=np.float16)[label], -1, 1)
-        return AOutput(onehot, label)
+    def oracle(model, spec, image, device, on_batch=None, **kw):  # model A's probabilities = the one-hot label
+        on_batch(list(range(len(label))), torch.from_numpy(np.moveaxis(np.eye(3, dtype=np.float32)[label], -1, 1)))
+        return label
 
     monkeypatch.setattr(P, "run_a", oracle)
     P.predict_case("6", h5, P.models_in(tmp_path / "models", "model_a"), tmp_path / "pred.nii.gz", mode="model_a")

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from liverseg.config import default
 from liverseg.geometry import bbox, grow, paste, region_of, tile_region, z_range
@@ -39,34 +38,20 @@ log = logging.getLogger(__name__)
 BACKGROUND, USE_A, USE_B = 0, 1, 2
 
 
-@dataclass
-class AOutput:
-    """Model A on one case: probabilities at A's input size in float16 (bounded memory at 512 x 512 x 900) and
-    labels on the stored grid (what the liver region is computed from)."""
-
-    probs16: np.ndarray  # (Z, K, s, s) float16
-    labels: np.ndarray  # (Z, S, S) uint8
-
-    def probs(self, zs, size: int) -> torch.Tensor:
-        p = torch.from_numpy(self.probs16[zs].astype(np.float32))
-        if p.shape[-1] != size:
-            p = F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)
-        return p
-
-
 def run_a(model, spec, image: np.ndarray, device, batch: int = default("predict.batch_size"), amp: bool = True,
-          tta: bool = False, stride: int = 1) -> AOutput:
+          tta: bool = False, stride: int = 1, on_batch=None) -> np.ndarray:
+    """Model A over every slice: its labels (Z, S, S) uint8 on the stored grid (what the liver region is computed
+    from).  ``on_batch(zs, probs)`` receives each batch's probabilities on the stored grid (n, K, S, S) float32,
+    the ones the labels come from: prediction writes A's result as it goes, since holding A's probabilities of
+    the whole volume, (Z, K, S, S), would be 3x the int16 volume at 512 x 512 (issue 13)."""
     n, size = image.shape[0], image.shape[-1]
-    s = spec["input_size"]
-    probs16 = np.zeros((n, spec["classes"], s, s), np.float16)
     labels = np.zeros((n, size, size), np.uint8)
     for bz, p in slice_probs(model, spec, image, list(range(n)), device, batch=batch, amp=amp, tta=tta,
-                             stride=stride):
-        probs16[bz] = p.numpy().astype(np.float16)
-        p = torch.from_numpy(probs16[bz].astype(np.float32))  # labels from exactly what prediction will use
-        up = F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False) if s != size else p
-        labels[bz] = up.argmax(dim=1).to(torch.uint8).numpy()
-    return AOutput(probs16, labels)
+                             out_size=size, stride=stride):
+        labels[bz] = p.argmax(dim=1).to(torch.uint8).numpy()
+        if on_batch is not None:
+            on_batch(bz, p)
+    return labels
 
 
 def liver_region(a_labels: np.ndarray, margin: int, z_margin: int, patch: int):
@@ -112,19 +97,23 @@ def combine(a_probs: torch.Tensor, codes: np.ndarray, b_probs: torch.Tensor | No
     return out
 
 
-def cascade_batches(image, a: AOutput, codes, region, model_b, spec_b, device, batch: int = default("predict.batch_size"), amp: bool = True,
-                    tta: bool = False, stride: int = 1):
-    """Yield (slice indices, final probabilities (n, K, S, S) on the stored grid) in batches."""
+def cascade_batches(image, codes, region, model_b, spec_b, device, batch: int = default("predict.batch_size"),
+                    amp: bool = True, tta: bool = False, stride: int = 1):
+    """Yield (slice indices, final probabilities (n, K, S, S) on the stored grid) in batches for the slices whose
+    code is not USE_A (B's slices and background ones): A's result is already written for the others (run_a's
+    ``on_batch``), and ``combine`` takes nothing from A on these slices."""
     n, size = image.shape[0], image.shape[-1]
-    for s in range(0, n, batch):
-        zs = list(range(s, min(n, s + batch)))
+    todo = np.flatnonzero(np.asarray(codes) != USE_A)
+    for s in range(0, todo.size, batch):
+        zs = [int(z) for z in todo[s : s + batch]]
         c = codes[zs]
         bz = [z for z, k in zip(zs, c) if k == USE_B]
         b = None
         if bz:
             b = torch.cat([p for _, p in tile_probs(model_b, spec_b, image, bz, region, device, batch=batch,
                                                       amp=amp, tta=tta, stride=stride)])
-        yield zs, combine(a.probs(zs, size), c, b, region)
+        k = int(spec_b["classes"])
+        yield zs, combine(torch.zeros((len(zs), k, size, size)), c, b, region)
 
 
 class PooledDice:
@@ -186,13 +175,13 @@ def prepare_val_case(path, models: dict, threshold: float, margin: int, z_margin
         z_mm = float(f.attrs["slice_spacing"])
     model_a, spec_a = models["model_a"]
     clf, spec_c = models["classifier"]
-    a = run_a(model_a, spec_a, image, device, batch=batch, amp=amp, tta=a_tta, stride=case_stride(spec_a, z_mm))
+    a_labels = run_a(model_a, spec_a, image, device, batch=batch, amp=amp, tta=a_tta, stride=case_stride(spec_a, z_mm))
     scores = classify(clf, spec_c, image, device, amp=amp, stride=case_stride(spec_c, z_mm))
-    present, region, zrange = liver_region(a.labels, margin, z_margin, patch)
+    present, region, zrange = liver_region(a_labels, margin, z_margin, patch)
     base, b_slices = {}, None
     for g in gates:
         codes = gate_slices(scores, threshold, present, zrange, g)
-        pred = np.where((codes == USE_A)[:, None, None], a.labels, 0).astype(np.uint8)
+        pred = np.where((codes == USE_A)[:, None, None], a_labels, 0).astype(np.uint8)
         keep = codes != USE_B
         base[g] = PooledDice.of(pred[keep], label[keep]).counts
         b_slices = [int(z) for z in np.flatnonzero(codes == USE_B)]  # the same for every gate

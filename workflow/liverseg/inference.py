@@ -197,19 +197,31 @@ def segment_sequences(model, spec: dict, image: np.ndarray, device: torch.device
 
 @torch.inference_mode()
 def sliding_window_3d(model, spec: dict, image: np.ndarray, device: torch.device, amp: bool = True,
-                      stride: int = 1) -> np.ndarray:
-    """V1: class probabilities (3, Z, S, S) float16 from overlapping patches (stride half a patch), averaged.
-    A patch's slices are ``stride`` apart (its depth is fixed in mm); each residue class z mod stride is its own
-    sub-volume, so every slice is predicted."""
+                      stride: int = 1) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """V1: yield (slice indices, class probabilities (n, K, S, S) float32) from overlapping patches (stride half a
+    patch), averaged; every slice exactly once.  A patch's slices are ``stride`` apart (its depth is fixed in mm);
+    each residue class z mod stride is its own sub-volume, so every slice is predicted.
+
+    Patches run row by row along z (patch_grid: origins ascending), and a slice is final once the next row
+    starts above it: only the ``depth`` slices the current row covers are accumulated, (K, depth, S, S) float32,
+    instead of the whole volume's (K, Z, S, S) (about 8 GB at 512 x 512 x 900; issue 13).  Every voxel sums
+    the same patches in the same order as a whole-volume accumulator would."""
     d, p = spec["patch"]
     n, h, w = image.shape
-    out = np.zeros((3, n, h, w), np.float16)
     for r in range(min(stride, n)):
         sub = image[r::stride]
         m = sub.shape[0]
-        acc = np.zeros((3, m, h, w), np.float32)
-        cnt = np.zeros((m, h, w), np.float32)
-        for z0 in patch_grid(m, d):
+        rows = patch_grid(m, d)
+        acc = cnt = None
+        lo = 0  # sub's first slice not yet yielded: acc[:, j] holds slice lo + j
+        for i, z0 in enumerate(rows):
+            if z0 > lo:  # (never for the first row) slide the window up to this row's first slice
+                k = z0 - lo
+                acc[:, : d - k] = acc[:, k:].copy()
+                acc[:, d - k :] = 0
+                cnt[: d - k] = cnt[k:].copy()
+                cnt[d - k :] = 0
+                lo = z0
             for r0 in patch_grid(h, p):
                 for c0 in patch_grid(w, p):
                     src = sub[z0 : z0 + d, r0 : r0 + p, c0 : c0 + p].astype(np.float32)
@@ -218,15 +230,14 @@ def sliding_window_3d(model, spec: dict, image: np.ndarray, device: torch.device
                     with autocast(device, amp):
                         prob = torch.softmax(model(torch.from_numpy(x)[None, None].to(device)).float(), dim=1)[0]
                     prob = prob.cpu().numpy()[:, : src.shape[0], : src.shape[1], : src.shape[2]]
-                    acc[:, z0 : z0 + src.shape[0], r0 : r0 + src.shape[1], c0 : c0 + src.shape[2]] += prob
-                    cnt[z0 : z0 + src.shape[0], r0 : r0 + src.shape[1], c0 : c0 + src.shape[2]] += 1
-        out[:, r::stride] = (acc / cnt).astype(np.float16)
-    return out
-
-
-def volume_probs(probs: np.ndarray, zs: list[int]) -> torch.Tensor:
-    """Slices ``zs`` of (K, Z, S, S) whole-volume probabilities (V1) as (n, K, S, S) float32."""
-    return torch.from_numpy(probs[:, zs].astype(np.float32)).permute(1, 0, 2, 3)
+                    if acc is None:
+                        acc = np.zeros((prob.shape[0], d, h, w), np.float32)
+                        cnt = np.zeros((d, h, w), np.float32)
+                    zz, rr, cc = (slice(0, src.shape[0]), slice(r0, r0 + src.shape[1]), slice(c0, c0 + src.shape[2]))
+                    acc[:, zz, rr, cc] += prob
+                    cnt[zz, rr, cc] += 1
+            hi = rows[i + 1] if i + 1 < len(rows) else m  # slices below the next row's origin are final
+            yield [r + stride * z for z in range(lo, hi)], torch.from_numpy(acc[:, : hi - lo] / cnt[: hi - lo]).permute(1, 0, 2, 3)
 
 
 def to_source_grid(probs: torch.Tensor, attrs: dict) -> torch.Tensor:

@@ -20,10 +20,9 @@ import numpy as np
 
 from liverseg.config import default, sample_row_errors
 from liverseg.errors import CaseError, ConfigError
-from liverseg.io import atomic_path, geometry_of, load_nifti, read_raw
+from liverseg.io import slabs, atomic_path, geometry_of, load_nifti, read_labels, read_raw
 
 log = logging.getLogger(__name__)
-SLAB = 32  # slices checked at once: bounds the float working memory whatever the volume size
 
 CASE_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _NII_RE = re.compile(r"^(?P<stem>.+?)(_0000)?\.nii(\.gz)?$")
@@ -221,32 +220,18 @@ def discover(cfg: dict) -> Discovery:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def check_label_values(raw: np.ndarray, slope: float, inter: float, case: str) -> None:
-    """Labels must be integers in {0, 1, 2}.  Checked with min/max first (O(n), no sort), unique only on failure."""
-    lo, hi = raw.min(), raw.max()
-    if raw.dtype.kind == "f" or (slope, inter) != (1.0, 0.0):
-        lo, hi = lo * slope + inter, hi * slope + inter
-        for z0 in range(0, raw.shape[-1], SLAB):  # slab-wise, so no float copy of the whole volume is made
-            v = raw[..., z0 : z0 + SLAB].astype(np.float32) * slope + inter
-            if not np.all(np.isfinite(v)) or not np.array_equal(v, np.round(v)):
-                raise CaseError(case, "label holds non-integer values; expected integers 0 (bg), 1 (liver), 2 (tumour)")
-    if lo < 0 or hi > 2:
-        vals = np.unique(raw) * slope + inter
-        bad = sorted(set(np.rint(vals).astype(np.int64).tolist()) - {0, 1, 2})
-        raise CaseError(case, f"label values {bad[:5]} outside {{0, 1, 2}} (0 bg, 1 liver, 2 tumour)")
-
-
 def load_validated(case: str, image_path, label_path=None, affine_tolerance: float = default("ingest.affine_tolerance")):
     """Read a case and check everything that can be wrong with it; raise CaseError (one line) otherwise.
 
-    Returns (geometry, raw image in its stored dtype, slope, intercept, uint8 label or None)."""
+    Returns (geometry, raw image (io.read_raw: its stored dtype, float32 for 8-byte types), slope, intercept,
+    uint8 label or None)."""
     img = load_nifti(image_path, case, "image")
     geom = geometry_of(img)
     raw, slope, inter = read_raw(img, case, image_path, "image")
     if raw.dtype.kind not in "iuf":
         raise CaseError(case, f"image {image_path} has unsupported data type {raw.dtype}")
-    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
-        raise CaseError(case, f"image {image_path} holds NaN or infinite voxels")
+    if raw.dtype.kind == "f" and not all(np.isfinite(raw[..., sl]).all() for sl in slabs(raw.shape)):
+        raise CaseError(case, f"image {image_path} holds NaN or infinite voxels")  # (checked per slab: no bool volume)
     rmin, rmax = raw.min(), raw.max()
     if rmin == rmax:
         raise CaseError(case, f"image {image_path} is constant (every voxel {float(rmin) * slope + inter:g})")
@@ -259,11 +244,8 @@ def load_validated(case: str, image_path, label_path=None, affine_tolerance: flo
         if not np.allclose(lab_img.affine, img.affine, atol=affine_tolerance, rtol=0):
             diff = float(np.abs(lab_img.affine - img.affine).max())
             raise CaseError(case, f"label affine differs from image affine by {diff:.4g} (tolerance {affine_tolerance})")
-        lab, lslope, linter = read_raw(lab_img, case, label_path, "label")
-        check_label_values(lab, lslope, linter, case)
-        lab_raw = lab if lab.dtype == np.uint8 and (lslope, linter) == (1.0, 0.0) else (
-            np.rint(lab * lslope + linter).astype(np.uint8)
-        )
+        # Integers in {0, 1, 2}, read and checked slab by slab into uint8: never a float copy of the volume.
+        lab_raw = read_labels(lab_img, case, label_path)
     return geom, raw, slope, inter, lab_raw
 
 

@@ -91,7 +91,9 @@ def load_nifti(path: str | os.PathLike, case: str, what: str = "image") -> nib.N
     if not p.is_file():
         raise CaseError(case, f"{what} path is not a regular file: {p}")
     try:
-        img = nib.load(str(p))
+        # keep_file_open: slab readers (read_labels) then stream a .nii.gz once instead of decompressing it
+        # from its start for every slab
+        img = nib.load(str(p), keep_file_open=True)
     except _READ_ERRORS as exc:
         raise CaseError(case, f"cannot read {what} {p}: {type(exc).__name__}: {_short(exc)}") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -107,12 +109,34 @@ def load_nifti(path: str | os.PathLike, case: str, what: str = "image") -> nib.N
     return img
 
 
+# Voxels read at once by the slab readers, along the stored last axis (contiguous on disk: NIfTI is Fortran
+# order): a slab's float64 temporaries stay at 8 MiB, a few percent of a LiTS-sized volume (8 slices at 512 x 512).
+SLAB_VOXELS = 1 << 20
+
+
+def slabs(shape):
+    """Slices of the last axis of a volume of ``shape``, SLAB_VOXELS voxels (at least one slice) at a time."""
+    step = max(1, SLAB_VOXELS // max(1, int(np.prod(shape[:-1]))))
+    for z0 in range(0, shape[-1], step):
+        yield slice(z0, min(shape[-1], z0 + step))
+
+
 def read_raw(img: nib.Nifti1Image, case: str, path, what: str = "image") -> tuple[np.ndarray, float, float]:
-    """Voxel data in the stored dtype plus the NIfTI scaling, so no float64 copy of the volume is made."""
+    """Voxel data plus the NIfTI scaling, so no float64 copy of the volume is made: types of up to 4 bytes
+    (int16, uint16, float32, ...) come back in their stored dtype, unscaled; 8-byte types (float64, int64) are
+    read slab by slab into float32 with the scaling applied (slope 1, intercept 0 returned), since a float64
+    volume is 4x its int16 size (issue 13)."""
     if isinstance(img.dataobj, np.ndarray):  # an in-memory image (e.g. read from DICOM): already scaled
         return img.dataobj, 1.0, 0.0
     try:
-        raw = np.asanyarray(img.dataobj.get_unscaled())
+        stored = img.get_data_dtype()
+        if stored.itemsize <= 4 or stored.kind not in "iuf":
+            raw = np.asanyarray(img.dataobj.get_unscaled())
+        else:
+            raw = np.empty(img.shape, np.float32, order="F")
+            for sl in slabs(img.shape):
+                raw[..., sl] = np.asanyarray(img.dataobj[..., sl])  # scaled per slab (float64 only here)
+            return raw, 1.0, 0.0
     except _READ_ERRORS as exc:
         raise CaseError(case, f"cannot read {what} {path} (truncated or corrupt?): {_short(exc)}") from None
     slope = img.dataobj.slope
@@ -122,10 +146,40 @@ def read_raw(img: nib.Nifti1Image, case: str, path, what: str = "image") -> tupl
     return raw, slope, inter
 
 
-def read_labels(img: nib.Nifti1Image) -> np.ndarray:
-    """A label volume as uint8 without a float copy of the whole grid when it is already stored as integers."""
-    arr = np.asanyarray(img.dataobj)  # label files carry no scaling in practice; float ones are rounded
-    return (np.rint(arr) if arr.dtype.kind == "f" else arr).astype(np.uint8, copy=False)
+LABEL_CLASSES = "0 (bg), 1 (liver), 2 (tumour)"
+
+
+def read_labels(img: nib.Nifti1Image, case: str | None = None, path=None, what: str = "label") -> np.ndarray:
+    """A label volume as uint8, read slab by slab along the stored last axis: integer data is cast per slab and
+    never goes through float, float (or scaled) data is rounded per slab, so no whole-volume float copy exists
+    whatever the stored dtype (int16, uint16, float32 or float64 labels are common in LiTS; issue 13).
+
+    With ``case``, the values are checked (integers in {0, 1, 2}; CaseError, one line, otherwise: a non-integer
+    value anywhere wins over values out of range) and read errors become a CaseError naming the case.  Without
+    it (predictions, references already checked) floats are rounded and cast as they are."""
+    out = np.empty(img.shape[:3], np.uint8, order="F")
+    bad: set[int] = set()
+    try:
+        for sl in slabs(out.shape):
+            v = np.asanyarray(img.dataobj[..., sl])  # scaled by nibabel when the header says so
+            if v.dtype.kind == "f":
+                # float32, as the check always ran: a float64 label's rounding noise below float32 resolution passes
+                v = v.astype(np.float32, copy=False)
+                if case is not None and (not np.isfinite(v).all() or not np.array_equal(v, np.round(v))):
+                    raise CaseError(case, f"label holds non-integer values; expected integers {LABEL_CLASSES}")
+                v = np.rint(v)
+            elif v.dtype.kind not in "iub" and case is not None:
+                raise CaseError(case, f"{what} {path} has unsupported data type {v.dtype}")
+            if case is not None and v.dtype.kind != "b" and v.size and (v.min() < 0 or v.max() > 2):
+                bad.update(np.unique(v[(v < 0) | (v > 2)]).astype(np.int64).tolist())
+            out[..., sl] = v
+    except _READ_ERRORS as exc:
+        if case is None:
+            raise
+        raise CaseError(case, f"cannot read {what} {path} (truncated or corrupt?): {_short(exc)}") from None
+    if bad:
+        raise CaseError(case, f"label values {sorted(bad)[:5]} outside {{0, 1, 2}} (0 bg, 1 liver, 2 tumour)")
+    return out
 
 
 def _short(exc: BaseException) -> str:

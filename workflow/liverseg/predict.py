@@ -19,8 +19,7 @@ import torch
 from liverseg.cascade import USE_B, cascade_batches, gate_slices, liver_region, run_a
 from liverseg.config import default
 from liverseg.errors import CaseError, ConfigError
-from liverseg.inference import (case_stride, classify, segment_sequences, sliding_window_3d, to_source_grid,
-                                volume_probs)
+from liverseg.inference import case_stride, classify, segment_sequences, sliding_window_3d, to_source_grid
 from liverseg.io import Geometry, atomic_path, save_nifti_like
 from liverseg.models import ModelFileError, load_ensemble, resolve_device
 from liverseg.roles import MODES
@@ -29,13 +28,14 @@ log = logging.getLogger(__name__)
 CODE_NAMES = {0: "background", 1: "A", 2: "B"}
 
 
-def read_case(h5_path, case: str):
-    """Image slices (Z, S, S) float16, geometry and attributes of a preprocessed case."""
+def read_case(h5_path, case: str, label: bool = True):
+    """Image slices (Z, S, S) float16, geometry, attributes and (if ``label`` and stored) the label of a
+    preprocessed case."""
     try:
         with h5py.File(h5_path, "r") as f:
             image = f["image"][:]
             attrs = dict(f.attrs)
-            label = f["label"][:] if "label" in f else None
+            label = f["label"][:] if label and "label" in f else None
     except (OSError, KeyError) as exc:
         raise CaseError(case, f"cannot read preprocessed file {h5_path}: {exc}") from None
     geom = Geometry(tuple(int(v) for v in attrs["original_shape"]), np.asarray(attrs["affine"]), np.asarray(attrs["ornt"]))
@@ -96,14 +96,13 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
         raise ConfigError(f"mode {mode} needs model file(s) for {missing} (give --model ROLE=MODEL_PT)")
     dev = resolve_device(device)
     tta = _tta_flag(tta)
-    image, geom, attrs, _ = read_case(h5_path, case)
+    image, geom, attrs, _ = read_case(h5_path, case, label=False)  # prediction never needs the label
     loaded = {}
     for role in MODES[mode]:
         paths = [Path(p) for p in models[role]]
         loaded[role] = load_ensemble(paths, device=dev)
         check_compatible(loaded[role][1], attrs, paths[0])
     nx, ny, nz = (int(v) for v in attrs["canonical_shape"])
-    size = int(attrs["size"])
     z_mm = float(attrs["slice_spacing"])
     vol = np.zeros((nx, ny, nz), np.uint8)
     scores = np.full(nz, np.nan, np.float32)
@@ -116,13 +115,12 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
         probs = to_source_grid(probs, attrs)
         vol[:, :, zs] = np.transpose(probs.argmax(dim=1).to(torch.uint8).numpy(), (2, 1, 0))
 
+    # Memory (issue 13): besides the image, only uint8 volumes are held whole; probabilities exist for one batch
+    # of slices at a time (V1: the slices one row of 3D patches covers), from the network to the label's argmax.
     if mode == "v1_3dcnn":
         model, spec = loaded["v1_3dcnn"]
-        probs = sliding_window_3d(model, spec, image, dev, amp=amp, stride=case_stride(spec, z_mm))
-        for z0 in range(0, nz, batch):
-            zs = list(range(z0, min(nz, z0 + batch)))
-            put(zs, volume_probs(probs, zs))
-        del probs
+        for zs, p in sliding_window_3d(model, spec, image, dev, amp=amp, stride=case_stride(spec, z_mm)):
+            put(zs, p)
     elif mode == "v3_convlstm":
         model, spec = loaded["v3_convlstm"]
         for zs, p in segment_sequences(model, spec, image, dev, amp=amp, stride=case_stride(spec, z_mm)):
@@ -130,29 +128,29 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
     else:
         model_a, spec_a = loaded["model_a"]
         tta_a = bool(_choice(tta, spec_a, "tta", False))
-        a = run_a(model_a, spec_a, image, dev, batch=batch, amp=amp, tta=tta_a, stride=case_stride(spec_a, z_mm))
+        # A's result is written for every slice as it comes; the cascade then rewrites the slices it gives to B
+        # or to background (cascade_batches), so A's probabilities are never kept for the whole volume.
+        a_labels = run_a(model_a, spec_a, image, dev, batch=batch, amp=amp, tta=tta_a,
+                         stride=case_stride(spec_a, z_mm), on_batch=put)
         summary["tta_a"] = tta_a
-        region = None
         if mode == "cascade":
             clf, spec_c = loaded["classifier"]
             model_b, spec_b = loaded["model_b"]
             g = _choice(gate, spec_b, "gate", "route")
             tta_b = bool(_choice(tta, spec_b, "tta", False))
             scores = classify(clf, spec_c, image, dev, amp=amp, stride=case_stride(spec_c, z_mm))
-            present, region, zrange = liver_region(a.labels, int(spec_b["crop_margin"]), int(spec_b["z_margin"]),
+            present, region, zrange = liver_region(a_labels, int(spec_b["crop_margin"]), int(spec_b["z_margin"]),
                                                    int(spec_b["patch_size"]))
             if region is None:
                 log.warning("case %s: model A found no liver; no slice goes to model B", case)
             codes = gate_slices(scores, float(spec_c["threshold"]), present, zrange, g)
             summary.update(gate=g, tta_b=tta_b, threshold=float(spec_c["threshold"]), region=region, z_range=zrange)
-            for zs, probs in cascade_batches(image, a, codes, region, model_b, spec_b, dev, batch=batch, amp=amp,
+            for zs, probs in cascade_batches(image, codes, region, model_b, spec_b, dev, batch=batch, amp=amp,
                                              tta=tta_b, stride=case_stride(spec_b, z_mm)):
                 put(zs, probs)
-        else:
-            for z0 in range(0, nz, batch):
-                zs = list(range(z0, min(nz, z0 + batch)))
-                put(zs, a.probs(zs, size))
-        a_liver = (a.labels >= 1).sum(axis=(1, 2))
+        a_liver = (a_labels >= 1).sum(axis=(1, 2))
+        del a_labels
+    del image
     save_nifti_like(vol, geom, out_path)
     final = (vol >= 1).sum(axis=(0, 1))
     if scores_path:

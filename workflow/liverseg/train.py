@@ -49,8 +49,7 @@ from liverseg.cascade import PooledDice, b_counts, prepare_val_case
 from liverseg.data import (LiverPatchDataset, PatchDataset, SequenceDataset, SliceDataset, augment, augment_draws,
                            epoch_draws, index_cases, intensity_jitter, sequence_slices)
 from liverseg.geometry import patch_grid
-from liverseg.inference import (case_stride, classify, segment_sequences, slice_probs, sliding_window_3d,
-                                volume_probs)
+from liverseg.inference import case_stride, classify, segment_sequences, slice_probs, sliding_window_3d
 from liverseg.inference import tta_transforms
 from liverseg.config import default, training_view
 from liverseg.io import atomic_path, content_sha256
@@ -258,8 +257,8 @@ def _volume_counts(model, spec, role, case, device, amp, tta=False) -> np.ndarra
         for bz, p in segment_sequences(model, spec, image, device, amp=amp, stride=stride):
             pred[bz] = p.argmax(dim=1).to(torch.uint8).numpy()
     elif role == "v1_3dcnn":
-        probs = sliding_window_3d(model, spec, image, device, amp=amp, stride=stride)
-        pred = volume_probs(probs, list(range(n))).argmax(dim=1).to(torch.uint8).numpy()
+        for bz, p in sliding_window_3d(model, spec, image, device, amp=amp, stride=stride):
+            pred[bz] = p.argmax(dim=1).to(torch.uint8).numpy()
     else:
         for bz, p in slice_probs(model, spec, image, list(range(n)), device, amp=amp, tta=tta, out_size=size,
                                  stride=stride):
