@@ -46,3 +46,21 @@ def test_memory_and_time_grow_with_size_and_attempt():
     assert R.runtime(SPEC, 2048, attempt=1) == 10 + 40 and R.runtime(SPEC, 2048, attempt=3) == 3 * 50
     assert R.mem_mb(SPEC, 100, base=8000) == 8600  # a training role's own base
     assert R.mem_mb(SPEC, 0.01) == 1001  # rounded up, never under
+
+
+def test_prediction_memory_adds_one_batch_of_activations_by_slice_area_not_slice_count(tmp_path):
+    """predict's fixed part grows with predict.batch_size x the stored slice area (the networks' activations),
+    its proportional part with the case's arrays: more slices add only the latter."""
+    for n, name in ((10, "short"), (40, "long")):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f.create_dataset("image", data=np.zeros((n, 500, 200), np.float16))
+            f.create_dataset("label", data=np.zeros((n, 500, 200), np.uint8))
+    assert R.h5_slice_mpx(tmp_path / "short.h5") == pytest.approx(0.1)
+    spec = {"mem_mb": 1500, "batch_mb_per_mpx": 1400, "mem_per_mb": 4, "runtime": 10, "runtime_per_gb": 60}
+    base = R.predict_base_mb(spec, 16, R.h5_slice_mpx(tmp_path / "short.h5"))
+    assert base == pytest.approx(1500 + 1400 * 16 * 0.1)
+    short, long_ = (R.mem_mb(spec, R.h5_mb(tmp_path / f"{k}.h5"), 1, base=base) for k in ("short", "long"))
+    assert long_ - short == pytest.approx(4 * 30 * 500 * 200 * 3 / 2**20, abs=1)
+    assert R.mem_mb(spec, R.h5_mb(tmp_path / "short.h5"), 2, base=base) == pytest.approx(2 * short, abs=1)
+    with pytest.raises(FileNotFoundError):
+        R.h5_slice_mpx(tmp_path / "later.h5")

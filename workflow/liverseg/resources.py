@@ -60,6 +60,27 @@ def h5_mb(path) -> float:
         return p.stat().st_size / MB
 
 
+def h5_slice_mpx(path) -> float:
+    """Megapixels of one stored slice of an HDF5 case file (the grid every model's batch is cut from)."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingInput(path)
+    try:
+        import h5py
+
+        with h5py.File(p, "r") as f:
+            return math.prod(f["image"].shape[1:]) / 1e6
+    except Exception:  # noqa: BLE001 - as in nifti_mb
+        return 0.0
+
+
+def predict_base_mb(spec: dict, batch: int, slice_mpx: float) -> float:
+    """Prediction's fixed memory: the process and models (``mem_mb``) plus one batch's activations, which grow
+    with the batch and the slice area, not with the number of slices (``batch_mb_per_mpx`` MB per megapixel of
+    a batch)."""
+    return spec["mem_mb"] + spec["batch_mb_per_mpx"] * batch * slice_mpx
+
+
 def volume_mb(paths, kind: str = "nifti") -> float:
     """Summed MB of ``paths`` (one path or a list)."""
     if isinstance(paths, (str, os.PathLike)):

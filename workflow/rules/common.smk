@@ -234,6 +234,19 @@ def sized(rule, *names, kind="nifti"):
             "runtime": lambda wc, input, attempt: jobres.runtime(spec, size(input), attempt)}
 
 
+def predict_sized():
+    """Prediction: the process, the models and one batch's activations (predict.batch_size slices of the stored
+    grid: liverseg.resources.predict_base_mb), plus the case's volumes, times the attempt."""
+    spec = config["resources"]["predict"]
+    batch = config["predict"]["batch_size"]
+
+    def base(input):
+        return jobres.predict_base_mb(spec, batch, jobres.h5_slice_mpx(input.h5))
+
+    return {"mem_mb": lambda wc, input, attempt: jobres.mem_mb(spec, jobres.h5_mb(input.h5), attempt, base=base(input)),
+            "runtime": lambda wc, input, attempt: jobres.runtime(spec, jobres.h5_mb(input.h5), attempt)}
+
+
 def train_sized():
     """Training: the role's base (liverseg.roles) plus memory for its largest case (slices stream from HDF5;
     validation reads one whole case at a time) and time for all of its cases, times the attempt."""

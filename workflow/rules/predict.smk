@@ -21,7 +21,7 @@ rule predict:
         # How the job runs: not rerun triggers.
         predict_device=config["predict"]["device"],
         predict_batch=config["predict"]["batch_size"],
-        **sized("predict", "h5", kind="h5"),
+        **predict_sized(),
         **gpu_resources("predict"),
     conda:
         torch_env("predict")
