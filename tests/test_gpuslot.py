@@ -85,3 +85,20 @@ def test_slots_follow_a_set_cuda_visible_devices_and_zero_slots_leave_it_alone(t
 def test_devices():
     assert devices(2, None) == ["0", "1"]
     assert devices(2, "4,6") == ["4", "6"]
+    assert devices(1, "4,6") == ["4"]
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES lists 1 device"):
+        devices(2, "4")  # never hand out a GPU the user excluded
+
+
+def test_runs_that_see_the_gpus_through_different_lists_never_share_one(tmp_path):
+    """Run A sees only GPU 1 (its slot 0), run B sees GPUs 0,1: while A holds GPU 1, B's free GPU is 0. Locks
+    named after slots would give B its slot 1, which is GPU 1 as well."""
+    a = _start(tmp_path, "a", "--slots", "1", env_extra={"CUDA_VISIBLE_DEVICES": "1"})
+    try:
+        assert _seen(tmp_path, "a") == "1"
+        b = _start(tmp_path, "b", "--slots", "2", env_extra={"CUDA_VISIBLE_DEVICES": "0,1"})
+        assert _seen(tmp_path, "b") == "0"
+        _finish(tmp_path, b, "b")
+        _finish(tmp_path, a, "a")
+    finally:
+        a.kill()

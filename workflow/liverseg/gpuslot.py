@@ -17,6 +17,7 @@ import argparse
 import fcntl
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -33,24 +34,35 @@ def default_lock_dir() -> Path:
 
 
 def devices(slots: int, visible: str | None) -> list[str]:
-    """The device id of each slot: the entries of CUDA_VISIBLE_DEVICES when set, else 0..slots-1."""
-    listed = [d.strip() for d in (visible or "").split(",") if d.strip() not in ("", "-1")]
-    return [listed[i] if i < len(listed) else str(i) for i in range(slots)] if visible is not None else [str(i) for i in range(slots)]
+    """The device id of each slot: the entries of CUDA_VISIBLE_DEVICES when set, else 0..slots-1.  More slots
+    than listed devices would hand out GPUs the user excluded: a one-line error."""
+    if visible is None:
+        return [str(i) for i in range(slots)]
+    listed = [d.strip() for d in visible.split(",") if d.strip() not in ("", "-1")]
+    if slots > len(listed):
+        raise SystemExit(f"liverseg gpuslot: error: {slots} GPU slots asked for but CUDA_VISIBLE_DEVICES lists "
+                         f"{len(listed)} device(s) ({visible!r}); lower resources.local_gpus")
+    return listed[:slots]
 
 
-def try_take(lock_dir: Path, slots: int, take: int) -> list[tuple[int, int]]:
-    """Lock ``take`` free slots of ``slots`` without waiting: [(slot, fd)], or [] (nothing held) when too few
-    are free."""
+def _lock_name(device: str) -> str:
+    return "gpu" + re.sub(r"[^A-Za-z0-9_-]", "_", device) + ".lock"
+
+
+def try_take(lock_dir: Path, ids: list[str], take: int) -> list[tuple[str, int]]:
+    """Lock ``take`` free devices of ``ids`` without waiting: [(device id, fd)], or [] (nothing held) when too
+    few are free.  A lock is named after the device, not the slot, so runs that see the GPUs through different
+    CUDA_VISIBLE_DEVICES lists still never share one."""
     lock_dir.mkdir(parents=True, exist_ok=True)
     held = []
-    for i in range(slots):
-        fd = os.open(lock_dir / f"gpu{i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    for dev in ids:
+        fd = os.open(lock_dir / _lock_name(dev), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             continue
-        held.append((i, fd))
+        held.append((dev, fd))
         if len(held) == take:
             return held
     for _, fd in held:
@@ -58,18 +70,18 @@ def try_take(lock_dir: Path, slots: int, take: int) -> list[tuple[int, int]]:
     return []
 
 
-def take_slots(lock_dir: Path, slots: int, take: int, poll_s: float = POLL_S) -> list[tuple[int, int]]:
+def take_slots(lock_dir: Path, ids: list[str], take: int, poll_s: float = POLL_S) -> list[tuple[str, int]]:
     """Wait until ``take`` slots are free and lock them."""
-    if take > slots:
-        raise SystemExit(f"liverseg gpuslot: error: a job needs {take} GPUs but this machine has {slots} "
+    if take > len(ids):
+        raise SystemExit(f"liverseg gpuslot: error: a job needs {take} GPUs but this machine has {len(ids)} "
                          "(resources.local_gpus, train.gpus)")
     waited = False
     while True:
-        held = try_take(lock_dir, slots, take)
+        held = try_take(lock_dir, ids, take)
         if held:
             return held
         if not waited:
-            log.warning("all %d GPU slot(s) in %s are taken; waiting for one", slots, lock_dir)
+            log.warning("all %d GPU slot(s) in %s are taken; waiting for one", len(ids), lock_dir)
             waited = True
         time.sleep(poll_s)
 
@@ -90,10 +102,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     if a.slots > 0 and a.take > 0:
         ids = devices(a.slots, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        held = take_slots(a.lock_dir or default_lock_dir(), a.slots, a.take)
+        held = take_slots(a.lock_dir or default_lock_dir(), ids, a.take)
         for _, fd in held:
             os.set_inheritable(fd, True)  # the command keeps the lock for as long as it runs
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[i] for i, _ in held)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(dev for dev, _ in held)
         log.info("CUDA_VISIBLE_DEVICES=%s", os.environ["CUDA_VISIBLE_DEVICES"])
     os.execvp(cmd[0], cmd)
     return 127  # not reached
