@@ -197,8 +197,10 @@ def test_a_check_over_its_memory_limit_fails_with_a_verdict_and_a_small_case_pas
     r = _check_cli("--case", "big", "--image", big, "--max-memory-mb", 400, tmp_path / "big.json")
     assert r.returncode == 0, r.stderr[-2000:]  # the job succeeds, so the other cases go on
     v = json.loads((tmp_path / "big.json").read_text())
-    assert not v["ok"] and v["error"] == ("case big: out of memory while reading it (limit 400 MB, the job's mem_mb: "
-                                          "raise resources.check_case in the config)"), v
+    assert not v["ok"] and v["error"] == (
+        "case big: out of memory while reading it (limit 400 MB, the job's mem_mb): raise "
+        "resources.check_case.mem_per_mb in the config and rerun with --forcerun check_case (or delete "
+        f"{tmp_path / 'big.json'})"), v
     assert r.stderr.strip().splitlines()[-1] == f"liverseg check: error: {v['error']}"
     # the same limit is plenty for a small case, and the big one passes without it: the limit made the difference
     small = write_nifti(tmp_path / "small.nii.gz", np.arange(4096, dtype=np.int16).reshape(16, 16, 16))

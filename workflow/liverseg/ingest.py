@@ -294,6 +294,11 @@ def _rss_mb() -> int:
     return 0
 
 
+# How running out of the address-space cap shows in a reader's error: numpy/Python (MemoryError), zlib while
+# decompressing a .nii.gz ("insufficient memory"), an OSError from a failed mmap/allocation (ENOMEM).
+OUT_OF_MEMORY = ("MemoryError", "insufficient memory", "Cannot allocate memory", "out of memory")
+
+
 def check_case_isolated(case: str, image_path, out_json, label_path=None,
                         affine_tolerance: float = default("ingest.affine_tolerance"), max_memory_mb: int = 0) -> dict:
     """``check_case`` in a child process, so that a check that dies (killed by a signal such as the out-of-memory
@@ -323,9 +328,11 @@ def check_case_isolated(case: str, image_path, out_json, label_path=None,
     code = child.exitcode
     if out.exists():  # the child recorded its verdict (ok, or a one-line error) before it ended
         status = json.loads(out.read_text())
-        if not status["ok"] and "(MemoryError" in status["error"] and max_memory_mb:
+        if not status["ok"] and max_memory_mb and any(m in status["error"] for m in OUT_OF_MEMORY):
+            # A verdict is a finished job: Snakemake neither retries it nor reruns it when resources change.
             status["error"] = (f"case {case}: out of memory while reading it (limit {max_memory_mb} MB, the job's "
-                               f"mem_mb: raise resources.check_case in the config)")
+                               f"mem_mb): raise resources.check_case.mem_per_mb in the config and rerun with "
+                               f"--forcerun check_case (or delete {out})")
         else:
             return status
     elif code is not None and code < 0:

@@ -565,7 +565,7 @@ def _train(role, train_h5, val_h5, cfg, outputs, checkpoint_dir, needs, device, 
     if not procs.main:  # rank 0 writes the model
         return spec
     # The saved model is a plain one (BatchNorm, not its synchronised variant) with the best weights.
-    model = M.build(spec).to(device) if procs.distributed else net
+    model = M.build(spec, download=False).to(device) if procs.distributed else net  # weights loaded next
     model.load_state_dict(best["state"])
     model.eval()
     spec.update({

@@ -11,8 +11,7 @@ rule statistics:
     params:
         models=lambda wc, input: role_options("--model", MODES[predict_mode(wc)], input.models),
     resources:
-        mem_mb=4000,
-        runtime=10,
+        **sized("statistics", "pred", "image"),
         **slurm_resources("cpu"),
     conda:
         "../../envs/imaging.yaml"
@@ -48,8 +47,7 @@ rule dicom_seg:
     params:
         models=lambda wc, input: role_options("--model", MODES[predict_mode(wc)], input.models),
     resources:
-        mem_mb=4000,
-        runtime=10,
+        **sized("dicom_seg", "pred", "series"),
         **slurm_resources("cpu"),
     conda:
         "../../envs/imaging.yaml"
