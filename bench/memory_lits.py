@@ -102,7 +102,8 @@ import torch
 from liverseg.predict import models_in, predict_case
 torch.set_num_threads(2)
 predict_case("b", sys.argv[3] + "/case.h5", models_in(sys.argv[3] + "/models", sys.argv[6]),
-             sys.argv[3] + "/pred-" + sys.argv[6] + ".nii.gz", mode=sys.argv[6], device="cpu", tta="false")
+             sys.argv[3] + "/pred-" + sys.argv[6] + ".nii.gz", mode=sys.argv[6], device="cpu", tta="false",
+             batch=int(sys.argv[8]))
 """,
     "evaluate": """
 from liverseg.evaluate import evaluate_case
@@ -127,7 +128,13 @@ def main():
     ap.add_argument("--grid", default="512:native", help="stored grid SIZE:MM (MM native = the scan's 0.78 mm)")
     ap.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
     ap.add_argument("--workdir", default=None, help="keep the files here (default: a temporary folder)")
+    ap.add_argument("--batch", type=int, default=None, help="prediction batch (default: predict.batch_size)")
     a = ap.parse_args()
+    if a.batch is None:
+        sys.path.insert(0, str(ROOT / "workflow"))
+        from liverseg.config import default
+
+        a.batch = int(default("predict.batch_size"))
     size, mm = int(a.grid.split(":")[0]), a.grid.split(":")[1]
     vol_mb = 512 * 512 * a.slices * 2 / 2**20
     with tempfile.TemporaryDirectory(dir=a.workdir) as d:
@@ -143,11 +150,12 @@ def main():
         steps = [("check", "check", ""), ("preprocess", "preprocess", "")] + \
                 [("predict", f"predict {MODES[m]}", m) for m in a.modes] + [("evaluate", "evaluate", "")]
         for stage, name, mode in steps:
-            r = child(IMPORTS[stage] + "\n" + STAGES[stage], img, lab, d, size, mm, mode, pred)
+            r = child(IMPORTS[stage] + "\n" + STAGES[stage], img, lab, d, size, mm, mode, pred, a.batch)
             rows.append((name, r["hwm_mb"] - base[stage], r["hwm_mb"], r["s"], base[stage]))
             print(f"{name}: {r['hwm_mb']:.0f} MiB ({r['s']:.0f} s)", file=sys.stderr, flush=True)
     print(f"\n512 x 512 x {a.slices} int16 case ({vol_mb:.0f} MiB), stored grid {size} px at "
-          f"{'0.78' if mm == 'native' else mm} mm, {'--light models (small encoder/decoder, LiTS grid sizes)' if a.light else 'default LiTS-sized models'}; "
+          f"{'0.78' if mm == 'native' else mm} mm, {'--light models (small encoder/decoder, LiTS grid sizes)' if a.light else 'default LiTS-sized models'}, "
+          f"prediction batch {a.batch}; "
           f"python {sys.version.split()[0]}\n")
     print("| stage | peak RSS above imports | / int16 volume (goal <= 4x) | whole process VmHWM | / int16 volume | "
           "imports alone | seconds |")
