@@ -156,3 +156,12 @@ def test_models_in_takes_every_fold_of_a_role_trained_as_an_ensemble(tmp_path):
     m = P.models_in(tmp_path, "model_a")
     assert [p.parent.name for p in m["model_a"]] == ["fold_0", "fold_1", "fold_10"]
     assert P.models_in(tmp_path, "cascade")["classifier"] == [tmp_path / "classifier" / "model.pt"]
+
+
+def test_an_ensemble_needs_folds():
+    from liverseg import config
+    from liverseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="split.ensemble"):
+        config.load(overrides={"split": {"ensemble": True}})
+    assert config.load(overrides={"split": {"ensemble": True, "folds": 3}})["split"]["ensemble"] is True
