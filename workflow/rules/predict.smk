@@ -33,4 +33,5 @@ rule predict:
         " python -m liverseg predict-case --case {wildcards.case:q} --h5 {input.h5:q} {params.models}"
         " --mode {params.mode} --device {resources.predict_device} --tta {params.tta} --gate {params.gate}"
         " --batch {resources.predict_batch} --threads {threads}"
-        " --scores {output.scores:q}" + PREDICT_OPTIONS + " {output.seg:q} > {log:q} 2>&1"
+        # PREDICT_OPTIONS: "" unless the config asks for an ensemble or probability maps (common.smk)
+        f" --scores {{output.scores:q}}{PREDICT_OPTIONS} {{output.seg:q}} > {{log:q}} 2>&1"
