@@ -145,18 +145,21 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
     codes = np.ones(nz, np.int8)
     a_liver = np.zeros(nz, np.int64)
     summary = {"case": case, "mode": mode, "slices": nz}
-    n_classes = int(loaded[MODES[mode][0]][1]["classes"])
-    pvol = np.zeros((nx, ny, nz, n_classes), np.uint8) if probabilities_path else None
-    uvol = np.zeros((nx, ny, nz), np.uint8) if uncertainty_path else None
+    maps = {}  # uint8 probability / uncertainty volumes, made at the first batch (its class count)
 
     def put(zs, probs):
         """Stored-grid probabilities of slices ``zs`` -> labels on the scan's own grid (to_source_grid)."""
         probs = to_source_grid(probs, attrs)
         vol[:, :, zs] = np.transpose(probs.argmax(dim=1).to(torch.uint8).numpy(), (2, 1, 0))
-        if pvol is not None:  # (n, K, y, x) -> (x, y, n, K)
-            pvol[:, :, zs] = quantise_unit(np.transpose(probs.float().numpy(), (3, 2, 0, 1)))
-        if uvol is not None:
-            uvol[:, :, zs] = quantise_unit(np.transpose(normalised_entropy(probs).numpy(), (2, 1, 0)))
+        if probabilities_path:  # (n, K, y, x) -> (x, y, n, K)
+            if "p" not in maps:
+                maps["p"] = np.zeros((nx, ny, nz, probs.shape[1]), np.uint8)
+                maps["p"][..., 0] = 255  # a slice no batch covers stays certain background, as its label
+            maps["p"][:, :, zs] = quantise_unit(np.transpose(probs.float().numpy(), (3, 2, 0, 1)))
+        if uncertainty_path:
+            if "u" not in maps:
+                maps["u"] = np.zeros((nx, ny, nz), np.uint8)
+            maps["u"][:, :, zs] = quantise_unit(np.transpose(normalised_entropy(probs).numpy(), (2, 1, 0)))
 
     if mode == "v1_3dcnn":
         model, spec = loaded["v1_3dcnn"]
@@ -197,12 +200,9 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
                 put(zs, a.probs(zs, size))
         a_liver = (a.labels >= 1).sum(axis=(1, 2))
     save_nifti_like(vol, geom, out_path)
-    if pvol is not None:
-        save_unit_nifti(pvol, geom, probabilities_path)
-        del pvol
-    if uvol is not None:
-        save_unit_nifti(uvol, geom, uncertainty_path)
-        del uvol
+    for key, path in (("p", probabilities_path), ("u", uncertainty_path)):
+        if path:
+            save_unit_nifti(maps.pop(key), geom, path)
     final = (vol >= 1).sum(axis=(0, 1))
     if scores_path:
         with atomic_path(scores_path) as tmp, open(tmp, "w", newline="") as fh:
