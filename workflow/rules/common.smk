@@ -121,7 +121,11 @@ ENSEMBLE_THRESHOLD = f"{R}/train/classifier/ensemble.json"
 
 def fold_cases(fold):
     """Fold ``fold``'s train and validation cases (split.json's folds_cases, written by liverseg.split)."""
-    return split_data()["folds_cases"][int(fold)]
+    sp = split_data()
+    if "folds_cases" not in sp:  # a k-fold split.json written before the fold lists were
+        raise WorkflowError(f"liverseg: {R}/split/split.json has no folds_cases (written before fold ensembles); "
+                            "rerun the split: snakemake --forcerun split")
+    return sp["folds_cases"][int(fold)]
 
 
 def train_fold_inputs(wildcards):
