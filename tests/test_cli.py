@@ -151,3 +151,29 @@ def test_dicom_seg_with_an_unknown_series_is_one_line(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("liverseg dicom-seg: error: case dq: no DICOM series 1.2.3 in ")
     assert not (tmp_path / "o.dcm").exists()
+
+
+COMMANDS += ["ensemble-threshold"]
+
+
+def test_fold_ensemble_options_follow_the_schema(monkeypatch):
+    import copy
+
+    from liverseg import config
+    from liverseg.cli import build_parser
+
+    config.default("window.lower")
+    fake = copy.deepcopy(config._DEFAULTS)
+    fake["predict"].update(save_probabilities=True, save_uncertainty=True)
+    fake["train"]["min_sensitivity"] = 0.77
+    monkeypatch.setattr(config, "_DEFAULTS", fake)
+    cmds = build_parser()._subparsers._group_actions[0].choices
+    predict = {a.dest: a.default for a in cmds["predict"]._actions}
+    assert (predict["probabilities"], predict["uncertainty"]) == (True, True)
+    assert {a.dest: a.default for a in cmds["ensemble-threshold"]._actions}["min_sensitivity"] == 0.77
+
+
+def test_ensemble_threshold_needs_validation_cases_for_every_fold(tmp_path):
+    r = run("ensemble-threshold", "--model", "a.pt", "--model", "b.pt", "--val", "0=x.h5", str(tmp_path / "e.json"))
+    assert r.returncode == 1 and r.stderr.strip().startswith(
+        "liverseg ensemble-threshold: error: --val needs FOLD=H5 for folds 0..1"), r.stderr

@@ -79,3 +79,25 @@ def test_summarize_reads_experiment_and_stage_from_each_summary(tmp_path):
     assert "`9`: case 9: broken" in md
     assert "| 1 | 1x1x1 | 6x6x6 |" in md and "| 2 | 1x1x1 | 6x6x6 |" in md  # each test case's spacing and FOV
     assert (tmp_path / "d.png").stat().st_size > 5000
+
+
+def test_a_fold_ensemble_gets_a_row_and_each_fold_one_after_it(tmp_path):
+    import json
+
+    files = []
+    for exp, overlap in (("v4_cascade", 64), ("v4_cascade-fold1", 16), ("v4_cascade-fold0", 32)):
+        for stage in ("post", "raw"):
+            f = _summary(tmp_path, exp, stage, [("1", overlap)])
+            if exp == "v4_cascade":  # what the aggregate rule adds for a fold ensemble
+                s = json.loads(open(f).read())
+                s["ensemble_folds"] = 2
+                open(f, "w").write(json.dumps(s))
+            files.append(f)
+    md = summarize(files, {}, tmp_path / "s.md", tmp_path / "d.png")
+    rows = [ln for ln in md.splitlines() if ln.startswith("| V4 cascade")]
+    title = "V4 cascade: classifier + UNet++ A/B, gated, + CCA"
+    assert [r.split("|")[1].strip() for r in rows] == [f"{title} (ensemble of 2 folds)", f"{title} (fold 0 alone)",
+                                                       f"{title} (fold 1 alone)"]
+    # each row holds its own experiment's figures: Dice 1, 2*32/(32+64), 2*16/(16+64)
+    assert [r.split("|")[2].strip()[:6] for r in rows] == ["1.0000", "0.6667", "0.4000"]
+    assert "pooled out-of-fold validation slices" in md

@@ -55,3 +55,19 @@ def test_split_from_checks_reads_verdicts_by_content_and_leaves_failed_cases_out
     assert sp == {**make_split(ids, ["p"], 1, 0.25, 0.2, failed={"c3": "case c3: broken"})}
     with pytest.raises(ConfigError, match="no check verdict for case"):
         split_from_checks(tmp_path / "cases.tsv", checks[1:], tmp_path / "s2.json")
+
+
+def test_split_json_lists_every_fold_whose_val_sets_partition_the_non_test_cases():
+    sp = make_split(IDS + ["bad"], seed=3, test_fraction=0.2, folds=3, fold=1, failed={"bad": "unreadable"})
+    fc = sp["folds_cases"]
+    assert len(fc) == 3
+    non_test = set(IDS) - set(sp["test"])  # the failed case is in no list
+    vals = [set(f["val"]) for f in fc]
+    assert set().union(*vals) == non_test and sum(map(len, vals)) == len(non_test)
+    for f in fc:
+        assert set(f["train"]) == non_test - set(f["val"])
+    # each fold's lists are what make_split gives for that fold: the same test set, the same train/val
+    for k in range(3):
+        one = make_split(IDS + ["bad"], seed=3, test_fraction=0.2, folds=3, fold=k, failed={"bad": "unreadable"})
+        assert one["test"] == sp["test"] and (one["train"], one["val"]) == (fc[k]["train"], fc[k]["val"])
+    assert "folds_cases" not in make_split(IDS, seed=3)  # a single split's split.json is unchanged

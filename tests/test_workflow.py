@@ -284,3 +284,77 @@ def test_jobs_ask_for_memory_by_case_size_and_a_local_gpu_job_gets_its_own_gpu(t
     for rule in ("train", "predict-case"):
         cmd = next(ln for ln in r.stdout.splitlines() if f"liverseg {rule}" in ln).removeprefix("Shell command: ")
         assert cmd.startswith("python -m liverseg.gpuslot --slots 0 --take 1 -- "), cmd
+
+
+@pytest.mark.slow
+def test_single_split_keeps_its_model_paths_and_a_fold_ensemble_trains_each_fold(tmp_path):
+    """split.folds 1 (and folds 2 without ensemble): one model per role at results/train/{role}/model.pt, nothing
+    of the ensemble in the plan.  ensemble: true: each role on each fold, model B's needs from its own fold, the
+    pooled threshold, and the ensemble's and each fold's predictions."""
+    plans = {}
+    for name, split in (("single", {}), ("kfold", {"folds": 2}), ("ens", {"folds": 2, "ensemble": True})):
+        wd = tmp_path / name
+        wd.mkdir()
+        cfg = {**TINY, "split": {**TINY["split"], **split}, "experiments": ["v4_cascade"]}
+        (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+        snakemake(wd, "--until", "split")
+        plans[name] = snakemake(wd, "-n", "-p").stdout
+    for name in ("single", "kfold"):
+        out = plans[name]
+        for role in ("classifier", "model_a", "model_b"):
+            assert f"output: results/train/{role}/model.pt" in out
+        assert "fold_" not in out and "ensemble" not in out and "--classifier-threshold-file" not in out
+        assert re.search(r"output: results/predict/v4_cascade/\S+\.nii\.gz", out)
+    ens = plans["ens"]
+    assert not re.search(r"output: results/train/\w+/model\.pt", ens)
+    for f in (0, 1):
+        b = next(ln for ln in ens.splitlines() if f"--out-model results/train/model_b/fold_{f}/model.pt" in ln)
+        assert f"--needs classifier=results/train/classifier/fold_{f}/model.pt" in b
+        assert f"--needs model_a=results/train/model_a/fold_{f}/model.pt" in b
+    assert "output: results/train/classifier/ensemble.json" in ens
+    pred = [ln for ln in ens.splitlines() if "liverseg predict-case" in ln]
+    whole = [ln for ln in pred if "results/predict/v4_cascade/" in ln]
+    assert whole and all(ln.count("--model ") == 6 and "--classifier-threshold-file" in ln for ln in whole)
+    for f in (0, 1):
+        one = [ln for ln in pred if f"results/predict/v4_cascade-fold{f}/" in ln]
+        assert one and all(ln.count("--model ") == 3 and ln.count(f"fold_{f}/") == 3 for ln in one)
+        assert not any("--classifier-threshold-file" in ln for ln in one)
+
+
+@pytest.mark.slow
+def test_fold_ensemble_trains_both_folds_and_reports_the_ensemble_and_each_fold(tmp_path):
+    """k = 2 with ensemble: true on tiny phantom data, end to end: both folds of the cascade's three roles, the
+    pooled threshold used by the ensemble's predictions, probability and uncertainty maps, and a comparison
+    table with rows for the ensemble and for each fold alone."""
+    import nibabel as nib
+
+    wd = tmp_path / "ens"
+    wd.mkdir()
+    train = {**TINY["train"], "model_a": {**TINY["train"]["model_a"], "epochs": 8, "samples_per_epoch": 128}}
+    cfg = {**TINY, "split": {**TINY["split"], "folds": 2, "ensemble": True}, "experiments": ["v4_cascade"],
+           "train": train, "predict": {"save_probabilities": True, "save_uncertainty": True}}
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(wd)
+    res = wd / "results"
+    split = json.loads((res / "split/split.json").read_text())
+    for role in ("classifier", "model_a", "model_b"):
+        assert not (res / "train" / role / "model.pt").exists()
+        for f in (0, 1):
+            assert (res / "train" / role / f"fold_{f}" / "model.pt").exists()
+    thr = json.loads((res / "train/classifier/ensemble.json").read_text())
+    assert len(thr["fold_thresholds"]) == 2
+    assert thr["slices"] == TINY["dataset"]["phantom"]["slices"] * (8 - len(split["test"]))  # every non-test case once
+    for case in split["test"]:
+        log = (res / "logs/predict/v4_cascade" / f"{case}.log").read_text()
+        used = json.loads(next(ln for ln in log.splitlines() if ln.startswith("{")))["threshold"]
+        assert used == pytest.approx(thr["threshold"])
+        p = nib.load(str(res / "predict/v4_cascade" / f"{case}_probabilities.nii.gz"))
+        assert np.allclose(np.asanyarray(p.dataobj).sum(-1), 1, atol=3 / 255)
+        u = np.asanyarray(nib.load(str(res / "predict/v4_cascade" / f"{case}_uncertainty.nii.gz")).dataobj)
+        assert 0 <= u.min() and u.max() <= 1
+    md = (res / "report/summary.md").read_text()
+    for suffix in ("(ensemble of 2 folds)", "(fold 0 alone)", "(fold 1 alone)"):
+        assert re.search(rf"^\| V4 cascade[^|]*{re.escape(suffix)} \| [01]\.\d{{4}} ± ", md, re.M), (suffix, md)
+    for exp in ("v4_cascade", "v4_cascade-fold0", "v4_cascade-fold1"):
+        assert (res / "evaluate" / exp / "post" / "summary.json").exists()
+    assert _dry_jobs(wd) == {}

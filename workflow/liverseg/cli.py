@@ -124,11 +124,24 @@ def _cmd_train(a):
 
 
 def _cmd_predict_case(a):
+    from liverseg.ensemble import read_threshold
     from liverseg.predict import predict_case
 
     _threads(a.threads)
+    thr = read_threshold(a.classifier_threshold_file) if a.classifier_threshold_file else None
     print(json.dumps(predict_case(a.case, a.h5, _grouped(a.model, "role", ROLES), a.out, a.scores, a.mode,
-                                  a.device, a.tta, a.batch, gate=a.gate)))
+                                  a.device, a.tta, a.batch, gate=a.gate, classifier_threshold=thr,
+                                  probabilities_path=a.probabilities, uncertainty_path=a.uncertainty)))
+
+
+def _cmd_ensemble_threshold(a):
+    from liverseg.ensemble import ensemble_threshold
+
+    val = _grouped(a.val, "fold")
+    if sorted(val) != [str(f) for f in range(len(a.model))]:
+        raise ConfigError(f"--val needs FOLD=H5 for folds 0..{len(a.model) - 1} (one --model per fold), got {sorted(val)}")
+    print(json.dumps(ensemble_threshold(a.model, [val[str(f)] for f in range(len(a.model))], a.out,
+                                        a.min_sensitivity, a.device)))
 
 
 def _cmd_postprocess(a):
@@ -155,7 +168,8 @@ def _cmd_predict(a):
     _threads(a.threads)
     for s in predict_path(a.input, a.output, a.models, mode=a.mode, device=a.device, tta=a.tta, batch=a.batch,
                           postprocess=not a.no_postprocess, gate=a.gate, output_format=a.output_format,
-                          statistics=a.statistics, series_uid=a.series_uid):
+                          statistics=a.statistics, series_uid=a.series_uid, probabilities=a.probabilities,
+                          uncertainty=a.uncertainty):
         s.pop("statistics", None)  # in its own file; stdout keeps one short line per scan
         print(json.dumps(s))
 
@@ -315,8 +329,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gate", choices=["auto", *GATES], default=D("predict.gate"), help=gate_help)
     s.add_argument("--batch", type=int, default=D("predict.batch_size"))
     s.add_argument("--threads", type=int, default=D("predict.threads"))
+    s.add_argument("--classifier-threshold-file", metavar="JSON",
+                   help="a fold ensemble's classifier threshold (`liverseg ensemble-threshold`), replacing the "
+                        "mean of its members' thresholds")
+    s.add_argument("--probabilities", metavar="NIFTI", help="also write the class probabilities (4D, uint8 / 255)")
+    s.add_argument("--uncertainty", metavar="NIFTI",
+                   help="also write the entropy of the class probabilities over log(3) (uint8 / 255)")
     s.add_argument("out")
     s.set_defaults(func=_cmd_predict_case)
+
+    s = sub.add_parser("ensemble-threshold", help="a fold ensemble's classifier threshold from the pooled "
+                                                  "out-of-fold validation slices (JSON)")
+    s.add_argument("--model", action="append", required=True, metavar="MODEL_PT",
+                   help="fold f's classifier, repeated in fold order (0, 1, ...)")
+    s.add_argument("--val", action="append", required=True, metavar="FOLD=H5",
+                   help="a validation case of fold FOLD, repeated")
+    s.add_argument("--min-sensitivity", type=float, default=D("train.min_sensitivity"))
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=D("predict.device"))
+    s.add_argument("out")
+    s.set_defaults(func=_cmd_ensemble_threshold)
 
     s = sub.add_parser("postprocess", help="largest 3D liver component, tumour inside liver only")
     s.add_argument("--case", required=True)
@@ -344,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_aggregate)
 
     s = sub.add_parser("predict", help="segment new scans (NIfTI file, DICOM series folder, or a folder of them)")
-    s.add_argument("--models", required=True, help="folder with classifier/, model_a/, model_b/ (e.g. results/train)")
+    s.add_argument("--models", required=True, help="folder with classifier/, model_a/, model_b/ (e.g. results/train); "
+                                                  "a role with fold_<f>/ sub-folders instead of model.pt is a fold "
+                                                  "ensemble, averaged")
     s.add_argument("--mode", choices=["cascade", "model_a"], default="cascade")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=D("predict.device"))
     s.add_argument("--tta", choices=["auto", "true", "false"], default=str(D("predict.tta")).lower(), help=tta_help)
@@ -359,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(and statistics.tsv in the output folder for a folder of scans)")
     s.add_argument("--series-uid", help="SeriesInstanceUID to segment when the DICOM folder holds several series "
                                         "(default: the largest axial series that is not a localizer)")
+    s.add_argument("--probabilities", action=argparse.BooleanOptionalAction, default=D("predict.save_probabilities"),
+                   help="also write <output>_probabilities.nii.gz: class probabilities (4th axis background, liver, "
+                        "tumour), uint8 with scl_slope 1/255")
+    s.add_argument("--uncertainty", action=argparse.BooleanOptionalAction, default=D("predict.save_uncertainty"),
+                   help="also write <output>_uncertainty.nii.gz: entropy of the probabilities over log(3), uint8 / 255")
     s.add_argument("input", help="NIfTI file, DICOM series folder, or folder of NIfTI files / DICOM folders")
     s.add_argument("output", help="output .nii.gz or .dcm (one scan), or a folder (one scan, or several)")
     s.set_defaults(func=_cmd_predict)

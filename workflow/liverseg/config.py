@@ -55,6 +55,9 @@ def validate(cfg: dict) -> dict:
     if cfg["kaggle"]["train_on_all"] and cfg["kaggle"]["cases"] == "test":
         raise ConfigError("invalid config value at 'kaggle.cases': 'test' exports the held-out test cases, and "
                           "kaggle.train_on_all leaves none; use kaggle.cases: predict")
+    if cfg["split"]["ensemble"] and cfg["split"]["folds"] < 2:
+        raise ConfigError("invalid config value at 'split.ensemble': a fold ensemble needs split.folds >= 2 "
+                          f"(got {cfg['split']['folds']})")
     for i, e in enumerate(cfg["experiments"]):
         if e not in EXPERIMENTS:
             raise ConfigError(f"invalid config value at 'experiments.{i}': unknown experiment {e!r}; known: "

@@ -216,6 +216,32 @@ def save_nifti_like(arr: np.ndarray, geometry: Geometry, path, dtype=np.uint8) -
         nib.save(img, str(tmp))
 
 
+# Probability-like maps (class probabilities, uncertainty in [0, 1]) are stored as uint8 k meaning k / 255:
+# a quarter of float32's size, resolution 0.004, read back as floats by any NIfTI reader (scl_slope).
+UNIT_SLOPE = 1.0 / 255.0
+
+
+def quantise_unit(x) -> np.ndarray:
+    """Values in [0, 1] -> uint8 k with k / 255 the nearest step (what save_unit_nifti stores)."""
+    return np.clip(np.rint(np.asarray(x, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def save_unit_nifti(arr: np.ndarray, geometry: Geometry, path) -> None:
+    """A canonical-orientation uint8 map (3D, or 4D with a trailing axis such as the class) from quantise_unit ->
+    the original grid and affine, with scl_slope 1/255 so readers see values in [0, 1]."""
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected quantised uint8 values, got {arr.dtype}")
+    back = np.ascontiguousarray(geometry.from_canonical(arr))
+    if back.shape[:3] != tuple(geometry.shape):
+        raise ValueError(f"array shape {back.shape} does not match the original grid {geometry.shape}")
+    img = nib.Nifti1Image(back, geometry.affine)
+    img.set_qform(geometry.affine, code=1)
+    img.set_sform(geometry.affine, code=1)
+    img.header.set_slope_inter(UNIT_SLOPE, 0.0)  # kept on save: nibabel rescales only when no slope is set
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
 def content_sha256(path) -> str:
     """sha256 of a file's bytes, or of a folder's files (sorted by relative path, names included); "" if absent.
 

@@ -256,7 +256,9 @@ def load_ensemble(paths: list, device="cpu") -> tuple[nn.Module, dict]:
     """One model file, or several of one role averaged (``Ensemble``).  The spec is the first member's (so is
     its ``selection`` of TTA and gate), with the classifier threshold averaged over members and ``ensemble``
     listing the files.  The averaged threshold was not itself chosen on validation: the members' sensitivity
-    guarantee (train.min_sensitivity) does not carry over exactly."""
+    guarantee (train.min_sensitivity) does not carry over exactly; a fold ensemble's prediction replaces it with the
+    threshold chosen on the pooled out-of-fold validation slices (liverseg.ensemble, predict_case's
+    ``classifier_threshold``)."""
     loaded = [load(p, device=device) for p in paths]
     if len(loaded) == 1:
         return loaded[0]

@@ -20,7 +20,7 @@ from liverseg.cascade import USE_B, cascade_batches, gate_slices, liver_region, 
 from liverseg.config import default
 from liverseg.errors import CaseError, ConfigError
 from liverseg.inference import case_stride, classify, segment_sequences, sliding_window_3d, to_source_grid
-from liverseg.io import Geometry, atomic_path, save_nifti_like
+from liverseg.io import Geometry, atomic_path, quantise_unit, save_nifti_like, save_unit_nifti
 from liverseg.models import ModelFileError, load_ensemble, resolve_device
 from liverseg.roles import MODES
 
@@ -65,6 +65,14 @@ def check_compatible(spec: dict, attrs: dict, model_path) -> None:
         )
 
 
+def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of class probabilities (n, K, ...) over the class axis, divided by log K: in [0, 1]."""
+    p = probs.float().clamp_min(0)
+    p = p / p.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    h = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
+    return (h / float(np.log(p.shape[1]))).clamp(0, 1)
+
+
 def _choice(value, spec: dict, key: str, default):
     """An explicit setting wins; "auto" (or None) takes what was chosen on validation."""
     if value not in (None, "auto"):
@@ -79,16 +87,43 @@ def _tta_flag(value) -> bool | str:
 
 
 def models_in(folder, mode: str) -> dict[str, list[Path]]:
-    """``{role: [<folder>/<role>/model.pt]}`` for the roles a mode loads: the layout `liverseg predict` reads."""
-    return {role: [Path(folder) / role / "model.pt"] for role in MODES[mode]}
+    """``{role: [<folder>/<role>/model.pt]}`` for the roles a mode loads: the layout `liverseg predict` reads
+    (results/train).  A role trained as a fold ensemble (split.ensemble) has no model.pt but
+    ``<role>/fold_<f>/model.pt``: all its folds are taken, and averaged."""
+    out = {}
+    for role in MODES[mode]:
+        single = Path(folder) / role / "model.pt"
+        folds = sorted((Path(folder) / role).glob("fold_*/model.pt"), key=lambda p: int(p.parent.name[5:]))
+        out[role] = [single] if single.is_file() or not folds else folds
+    return out
+
+
+def ensemble_threshold_in(folder, models: dict) -> float | None:
+    """The fold ensemble's classifier threshold (<folder>/classifier/ensemble.json, liverseg.ensemble) when the
+    classifier of ``models`` is such an ensemble; None otherwise (the model's own threshold applies)."""
+    from liverseg.ensemble import read_threshold
+
+    path = Path(folder) / "classifier" / "ensemble.json"
+    if len(models.get("classifier", [])) > 1 and path.is_file():
+        return read_threshold(path)
+    return None
 
 
 def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, mode: str = "cascade",
                  device: str = default("predict.device"), tta=default("predict.tta"),
                  batch: int = default("predict.batch_size"), amp: bool = True,
-                 gate: str = default("predict.gate")) -> dict:
+                 gate: str = default("predict.gate"), classifier_threshold: float | None = None,
+                 probabilities_path=None, uncertainty_path=None) -> dict:
     """Segment one preprocessed case.  ``models`` maps each role of the mode (liverseg.roles.MODES) to its model
-    file(s); several files for one role are averaged as an ensemble (models.load_ensemble)."""
+    file(s); several files for one role are averaged as an ensemble (models.load_ensemble): the mean of their
+    class probabilities (the classifier's: of its slice scores), with the first file's choice of TTA and gate.
+    ``classifier_threshold`` replaces the classifier spec's threshold (a fold ensemble's, chosen on the pooled
+    out-of-fold validation slices: liverseg.ensemble).
+
+    ``probabilities_path``: the class probabilities the labels are the argmax of (background, liver, tumour as
+    the 4th axis), ``uncertainty_path``: their entropy over log(3) (0 = certain, 1 = all classes equally
+    likely); both uint8 on the scan's grid with scl_slope 1/255 (liverseg.io.save_unit_nifti), filled batch by
+    batch from the same probabilities as the labels, so no whole float volume is held."""
     if mode not in MODES:
         raise ConfigError(f"unknown prediction mode {mode!r}; choose one of {tuple(MODES)}")
     missing = [r for r in MODES[mode] if not models.get(r)]
@@ -109,11 +144,21 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
     codes = np.ones(nz, np.int8)
     a_liver = np.zeros(nz, np.int64)
     summary = {"case": case, "mode": mode, "slices": nz}
+    maps = {}  # uint8 probability / uncertainty volumes, made at the first batch (its class count)
 
     def put(zs, probs):
         """Stored-grid probabilities of slices ``zs`` -> labels on the scan's own grid (to_source_grid)."""
         probs = to_source_grid(probs, attrs)
         vol[:, :, zs] = np.transpose(probs.argmax(dim=1).to(torch.uint8).numpy(), (2, 1, 0))
+        if probabilities_path:  # (n, K, y, x) -> (x, y, n, K)
+            if "p" not in maps:
+                maps["p"] = np.zeros((nx, ny, nz, probs.shape[1]), np.uint8)
+                maps["p"][..., 0] = 255  # a slice no batch covers stays certain background, as its label
+            maps["p"][:, :, zs] = quantise_unit(np.transpose(probs.float().numpy(), (3, 2, 0, 1)))
+        if uncertainty_path:
+            if "u" not in maps:
+                maps["u"] = np.zeros((nx, ny, nz), np.uint8)
+            maps["u"][:, :, zs] = quantise_unit(np.transpose(normalised_entropy(probs).numpy(), (2, 1, 0)))
 
     # Memory (issue 13): besides the image, only uint8 volumes are held whole; probabilities exist for one batch
     # of slices at a time (V1: the slices one row of 3D patches covers), from the network to the label's argmax.
@@ -143,8 +188,9 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
                                                    int(spec_b["patch_size"]))
             if region is None:
                 log.warning("case %s: model A found no liver; no slice goes to model B", case)
-            codes = gate_slices(scores, float(spec_c["threshold"]), present, zrange, g)
-            summary.update(gate=g, tta_b=tta_b, threshold=float(spec_c["threshold"]), region=region, z_range=zrange)
+            thr = float(spec_c["threshold"] if classifier_threshold is None else classifier_threshold)
+            codes = gate_slices(scores, thr, present, zrange, g)
+            summary.update(gate=g, tta_b=tta_b, threshold=thr, region=region, z_range=zrange)
             for zs, probs in cascade_batches(image, codes, region, model_b, spec_b, dev, batch=batch, amp=amp,
                                              tta=tta_b, stride=case_stride(spec_b, z_mm)):
                 put(zs, probs)
@@ -152,6 +198,9 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
         del a_labels
     del image
     save_nifti_like(vol, geom, out_path)
+    for key, path in (("p", probabilities_path), ("u", uncertainty_path)):
+        if path:
+            save_unit_nifti(maps.pop(key), geom, path)
     final = (vol >= 1).sum(axis=(0, 1))
     if scores_path:
         with atomic_path(scores_path) as tmp, open(tmp, "w", newline="") as fh:
@@ -178,9 +227,11 @@ def _scan_id(path: Path) -> str:
 OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
 
 
-def outputs_for(out_path, output_format: str = default("predict.output_format"), statistics: bool = False) -> dict:
+def outputs_for(out_path, output_format: str = default("predict.output_format"), statistics: bool = False,
+                probabilities: bool = False, uncertainty: bool = False) -> dict:
     """The files one scan's prediction goes to, from its NIfTI name ``x.nii.gz`` (or ``x.dcm``): ``nifti``
-    x.nii.gz, ``seg`` x.dcm, ``stats`` x.stats.json; None for what was not asked for."""
+    x.nii.gz, ``seg`` x.dcm, ``stats`` x.stats.json, ``probabilities`` x_probabilities.nii.gz, ``uncertainty``
+    x_uncertainty.nii.gz (predict_case); None for what was not asked for."""
     if output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown output format {output_format!r}; choose one of {OUTPUT_FORMATS}")
     out = Path(out_path)
@@ -188,16 +239,21 @@ def outputs_for(out_path, output_format: str = default("predict.output_format"),
     nifti = out if out.name.endswith((".nii", ".nii.gz")) else out.with_name(f"{stem}.nii.gz")
     return {"nifti": nifti if output_format != "dicom-seg" else None,
             "seg": out.with_name(f"{stem}.dcm") if output_format != "nifti" else None,
-            "stats": out.with_name(f"{stem}.stats.json") if statistics else None}
+            "stats": out.with_name(f"{stem}.stats.json") if statistics else None,
+            "probabilities": out.with_name(f"{stem}_probabilities.nii.gz") if probabilities else None,
+            "uncertainty": out.with_name(f"{stem}_uncertainty.nii.gz") if uncertainty else None}
 
 
 def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: str = default("predict.device"),
                  tta=default("predict.tta"), batch: int = default("predict.batch_size"), postprocess: bool = True,
                  connectivity: int = default("postprocess.connectivity"), gate: str = default("predict.gate"),
                  output_format: str = default("predict.output_format"), statistics: bool = False,
-                 series_uid: str | None = None) -> dict:
+                 series_uid: str | None = None, probabilities: bool = default("predict.save_probabilities"),
+                 uncertainty: bool = default("predict.save_uncertainty")) -> dict:
     """Segment one scan (NIfTI file or DICOM series folder) with trained models; write a label NIfTI and/or a
-    DICOM-SEG (DICOM input only) and, with ``statistics``, the case's figures (liverseg.statistics) as JSON.
+    DICOM-SEG (DICOM input only) and, with ``statistics``, the case's figures (liverseg.statistics) as JSON;
+    with ``probabilities``/``uncertainty`` the class probabilities and their entropy (predict_case).  A role
+    trained as a fold ensemble is averaged over its folds (models_in), with the ensemble's threshold.
 
     The scan is preprocessed with the window, slice size and mm per pixel the models were trained with (read
     from model_a/model.json), segmented, and post-processed (largest 3D liver component) unless told otherwise.
@@ -217,7 +273,7 @@ def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: st
     t0 = time.perf_counter()
     in_path, model_dir = Path(in_path), Path(model_dir)
     case = _scan_id(in_path)
-    outs = outputs_for(out_path, output_format, statistics)
+    outs = outputs_for(out_path, output_format, statistics, probabilities, uncertainty)
     is_dicom = in_path.is_dir()
     if outs["seg"] and not is_dicom:
         if outs["nifti"] is None:
@@ -227,13 +283,13 @@ def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: st
         outs["seg"] = None
     if series_uid and not is_dicom:
         raise CaseError(case, f"--series-uid applies to a DICOM folder; {in_path} is not one")
-    spec_path = model_dir / "model_a" / "model.json"
+    models = models_in(model_dir, mode)
+    spec_path = Path(models["model_a"][0]).with_suffix(".json")
     if not spec_path.is_file():
         raise ModelFileError(f"model file missing: {spec_path}")
     spec = json.loads(spec_path.read_text())
     require_mm(spec, spec_path)
     w = spec["window"]
-    models = models_in(model_dir, mode)
     with tempfile.TemporaryDirectory(prefix="liverseg-") as tmp:
         image = in_path
         if is_dicom:  # read once (the chosen series) for preprocessing and the statistics' HU
@@ -245,7 +301,8 @@ def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: st
         final = outs["nifti"] or Path(tmp) / "final.nii.gz"
         raw = Path(tmp) / "raw.nii.gz"
         s = predict_case(case, h5, models, raw if postprocess else final, mode=mode, device=device, tta=tta,
-                         batch=batch, gate=gate)
+                         batch=batch, gate=gate, classifier_threshold=ensemble_threshold_in(model_dir, models),
+                         probabilities_path=outs["probabilities"], uncertainty_path=outs["uncertainty"])
         if postprocess:
             postprocess_case(case, raw, final, connectivity=connectivity)
         versions = model_versions(models)

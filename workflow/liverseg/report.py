@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from liverseg.errors import CaseError  # noqa: E402
-from liverseg.roles import EXPERIMENTS  # noqa: E402
+from liverseg.roles import EXPERIMENTS, parse_experiment  # noqa: E402
 from liverseg.io import atomic_path, geometry_of, load_nifti, read_labels, read_raw  # noqa: E402
 
 COLOURS = {"liver": "#33dd55", "tumour": "#ff3355"}
@@ -129,6 +129,18 @@ def inference_seconds(bench_tsvs: list[str]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def table_rows(summaries: dict[str, dict], run: list[str]) -> list[tuple[str, str]]:
+    """(experiment key, row title) in the study's order; a fold ensemble's experiment (its summary names
+    ``ensemble_folds``) is followed by each of its folds alone (``<experiment>-fold<f>``)."""
+    rows = []
+    for key, e in EXPERIMENTS.items():
+        k = summaries.get(key, {}).get("ensemble_folds")
+        rows.append((key, f"{e['title']} (ensemble of {k} folds)" if k else e["title"]))
+        folds = sorted((f, name) for name in run for base, f in [parse_experiment(name)] if base == key and f is not None)
+        rows += [(name, f"{e['title']} (fold {f} alone)") for f, name in folds]
+    return rows
+
+
 def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], run: list[str],
                   skipped: list[str], out_md, raw: dict[str, dict] | None = None,
                   failed: dict[str, str] | None = None) -> str:
@@ -145,7 +157,7 @@ def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], 
         " lesion recall | inference s/case | cases | liver Dice per case before CCA |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, name in ((k, e["title"]) for k, e in EXPERIMENTS.items()):
+    for key, name in table_rows(summaries, run):
         if key not in run or key not in summaries:
             lines.append(f"| {name} | not run | | | | | | | |")
             continue
@@ -167,6 +179,10 @@ def summary_table(summaries: dict[str, dict], seconds: dict[str, float | None], 
         "reports liver Dice 0.9717 (V2) and 0.9720 (V4) on an 80/51 re-split of LiTS; the best published LiTS",
         "per-case Dice is 0.963 (liver) and 0.739 (tumour).",
     ]
+    if any(s.get("ensemble_folds") for s in summaries.values()):
+        lines += ["", "An ensemble row averages the class probabilities of its folds' models (TTA and gate as chosen",
+                  "for fold 0; the classifier's threshold chosen on the pooled out-of-fold validation slices,",
+                  "`train/classifier/ensemble.json`); a fold row is that fold's models alone, on the same test cases."]
     geometry = next((s["geometry"] for s in summaries.values() if s.get("geometry")), {})
     if geometry:
         lines += ["", "Test cases (voxel spacing and field of view of each scan, in its stored axis order; models see",

@@ -54,3 +54,19 @@ EXPERIMENTS: dict[str, dict] = {
 
 GATES = ("route", "suppress")
 
+
+# A fold ensemble (config split.ensemble) evaluates each experiment twice over: `<experiment>` is the ensemble of
+# all folds and `<experiment>-fold<f>` fold f's models alone (the report's single-fold rows).
+FOLD_SUFFIX = "-fold"
+
+
+def fold_experiment(experiment: str, fold: int) -> str:
+    return f"{experiment}{FOLD_SUFFIX}{fold}"
+
+
+def parse_experiment(name: str) -> tuple[str, int | None]:
+    """``v4_cascade-fold1`` -> ("v4_cascade", 1); ``v4_cascade`` -> ("v4_cascade", None)."""
+    base, sep, fold = name.rpartition(FOLD_SUFFIX)
+    if sep and base in EXPERIMENTS and fold.isdigit():
+        return base, int(fold)
+    return name, None

@@ -4,7 +4,8 @@ Splitting by case, never by slice: neighbouring slices of one patient are nearly
 (as in the original study) leaks patients into the test set and inflates every score.
 
 With ``folds == 1`` the non-test cases are split once by ``val_fraction``.  With ``folds == k > 1`` the non-test
-cases are cut into k folds; fold ``fold`` is the validation set and the rest is training.  The test set is the same
+cases are cut into k folds; fold ``fold`` is the validation set and the rest is training, and ``folds_cases``
+lists every fold's train/val cases (what a fold ensemble, ``split.ensemble``, trains).  The test set is the same
 for every fold, so fold results are comparable.  Unlabelled cases are listed as ``predict`` and never trained on.
 """
 
@@ -47,6 +48,10 @@ def make_split(
         if len(rest) < folds:
             raise ConfigError(f"invalid config value at 'split.folds': {len(rest)} non-test cases cannot make {folds} folds")
         val = sorted(rest[fold::folds])
+        # Every fold's lists in one place (the fold ensemble trains each fold from these): fold f validates on
+        # rest[f::folds] and trains on the other folds; the test set is the same for all.
+        fold_lists = [(sorted(c for c in rest if c not in set(rest[f::folds])), sorted(rest[f::folds]))
+                      for f in range(folds)]
     else:
         n_val = int(math.floor(len(rest) * val_fraction + 0.5))
         n_val = min(max(1 if len(rest) >= 2 else 0, n_val), max(len(rest) - 1, 0))
@@ -61,7 +66,7 @@ def make_split(
     def ok(ids):
         return [c for c in ids if c not in failed]
 
-    return {
+    out = {
         "seed": seed,
         "folds": folds,
         "fold": fold,
@@ -74,6 +79,9 @@ def make_split(
                                                    ("predict", unlabelled)) if c in ids)
                           for c in sorted(failed) if c in set(train) | set(val) | set(test) | set(unlabelled)},
     }
+    if folds > 1:  # absent for a single split, whose split.json stays as it was
+        out["folds_cases"] = [{"train": ok(t), "val": ok(v)} for t, v in fold_lists]
+    return out
 
 
 def split_from_checks(case_table, check_files: list, out, seed: int = default("split.seed"),

@@ -11,7 +11,7 @@ from liverseg.config import training_view, validate as validate_config  # noqa: 
 from liverseg.errors import ConfigError  # noqa: E402
 from liverseg.ingest import discover  # noqa: E402
 from liverseg.parallel import launcher  # noqa: E402
-from liverseg.roles import EXPERIMENTS, MODES, ROLES  # noqa: E402
+from liverseg.roles import EXPERIMENTS, MODES, ROLES, fold_experiment, parse_experiment  # noqa: E402
 from liverseg import resources as jobres  # noqa: E402
 from liverseg.runenv import configure, local_gpus, torch_env_file  # noqa: E402
 
@@ -101,13 +101,49 @@ def all_targets(wildcards):
 
 
 # ---------------------------------------------------------------- training
-def model_file(role):
-    return f"{R}/train/{role}/model.pt"
+# A fold ensemble (split.ensemble, split.folds = k > 1) trains every role on each fold: results/train/{role}/
+# fold_{f}/, with its needs from the same fold.  Without it there is one model per role, at the path it always had.
+ENSEMBLE = config["split"]["ensemble"]
+FOLDS = list(range(config["split"]["folds"])) if ENSEMBLE else []
 
 
-def model_spec(role):
+def model_file(role, fold=None):
+    return f"{R}/train/{role}/model.pt" if fold is None else f"{R}/train/{role}/fold_{fold}/model.pt"
+
+
+def model_spec(role, fold=None):
     """The JSON spec beside model.pt (models.load reads it from there): an input wherever the model is."""
-    return f"{R}/train/{role}/model.json"
+    return f"{R}/train/{role}/model.json" if fold is None else f"{R}/train/{role}/fold_{fold}/model.json"
+
+
+ENSEMBLE_THRESHOLD = f"{R}/train/classifier/ensemble.json"
+
+
+def fold_cases(fold):
+    """Fold ``fold``'s train and validation cases (split.json's folds_cases, written by liverseg.split)."""
+    sp = split_data()
+    if "folds_cases" not in sp:  # a k-fold split.json written before the fold lists were
+        raise WorkflowError(f"liverseg: {R}/split/split.json has no folds_cases (written before fold ensembles); "
+                            "rerun the split: snakemake --forcerun split")
+    return sp["folds_cases"][int(fold)]
+
+
+def train_fold_inputs(wildcards):
+    """train_inputs for fold ``wildcards.fold``: its cases, and the needed roles' models of the same fold."""
+    fc = fold_cases(wildcards.fold)
+    needs = ROLES[wildcards.role]["needs"]
+    return {"train": [h5(c) for c in fc["train"]], "val": [h5(c) for c in fc["val"]],
+            "needs": [model_file(r, wildcards.fold) for r in needs],
+            "need_specs": [model_spec(r, wildcards.fold) for r in needs]}
+
+
+def ensemble_val_cases(wildcards):
+    """Every fold's validation cases (each fold's classifier scores its own: liverseg.ensemble)."""
+    return [h5(c) for f in FOLDS for c in fold_cases(f)["val"]]
+
+
+def ensemble_val_options(wildcards):
+    return " ".join(f"--val {shlex.quote(f'{f}={h5(c)}')}" for f in FOLDS for c in fold_cases(f)["val"])
 
 
 def train_inputs(wildcards):
@@ -264,21 +300,64 @@ def train_sized():
 
 
 # ---------------------------------------------------------------- prediction and evaluation
+# `<experiment>` and, for a fold ensemble, `<experiment>-fold<f>` (fold f's models alone: liverseg.roles).
 wildcard_constraints:
-    experiment="|".join(EXPERIMENTS),
+    experiment="(?:" + "|".join(EXPERIMENTS) + ")" + ("(?:-fold[0-9]+)?" if ENSEMBLE else ""),
     stage="raw|post",
 
 
+def evaluated_experiments():
+    """What the report compares: the configured experiments and, for a fold ensemble, each fold alone."""
+    exps = config["experiments"]
+    return exps + [fold_experiment(e, f) for e in exps for f in FOLDS]
+
+
 def predict_mode(wildcards):
-    return EXPERIMENTS[wildcards.experiment]["mode"]
+    return EXPERIMENTS[parse_experiment(wildcards.experiment)[0]]["mode"]
+
+
+def experiment_models(wildcards):
+    """(role, fold) of every model file the experiment loads, in MODES order: one per role; for a fold ensemble's
+    experiment every fold of each role (predict-case averages files of one role), for `-fold<f>` fold f's."""
+    base, fold = parse_experiment(wildcards.experiment)
+    roles = MODES[EXPERIMENTS[base]["mode"]]
+    if fold is not None:
+        return [(r, fold) for r in roles]
+    return [(r, f) for r in roles for f in FOLDS] if ENSEMBLE else [(r, None) for r in roles]
 
 
 def models_for(wildcards):
-    return [model_file(r) for r in MODES[predict_mode(wildcards)]]
+    return [model_file(r, f) for r, f in experiment_models(wildcards)]
 
 
 def specs_for(wildcards):
-    return [model_spec(r) for r in MODES[predict_mode(wildcards)]]
+    return [model_spec(r, f) for r, f in experiment_models(wildcards)]
+
+
+def model_options(wildcards, input):
+    """``--model ROLE=FILE`` per model file (input.models, in experiment_models order)."""
+    return role_options("--model", [r for r, _ in experiment_models(wildcards)], input.models)
+
+
+def uses_ensemble_threshold(wildcards):
+    """The fold ensemble's cascade takes the pooled out-of-fold threshold (a single fold keeps its own)."""
+    base, fold = parse_experiment(wildcards.experiment)
+    return ENSEMBLE and fold is None and "classifier" in MODES[EXPERIMENTS[base]["mode"]]
+
+
+def threshold_input(wildcards):
+    return ENSEMBLE_THRESHOLD if uses_ensemble_threshold(wildcards) else []
+
+
+# Options the predict rule adds only when the config asks for them, so that a single-model run without them has
+# the command (and params, and outputs) it always had: an edit of a rule's command reruns its jobs.
+PREDICT_OUTPUTS = {k: f"{R}/predict/{{experiment}}/{{case}}_{k}.nii.gz" for k, on in
+                   (("probabilities", config["predict"]["save_probabilities"]),
+                    ("uncertainty", config["predict"]["save_uncertainty"])) if on}
+PREDICT_OPTIONS = "".join(f" --{k} {{output.{k}:q}}" for k in PREDICT_OUTPUTS) + (
+    " {params.threshold}" if ENSEMBLE else "")
+PREDICT_PARAMS = {"threshold": lambda wc, input: (f"--classifier-threshold-file {shlex.quote(input.threshold)}"
+                                                  if uses_ensemble_threshold(wc) else "")} if ENSEMBLE else {}
 
 
 def stage_prediction(wildcards):
@@ -331,7 +410,7 @@ def dicom_seg_cases(sp):
 
 def summary_inputs(wildcards):
     """Every experiment's summary.json (raw and post-processed) and, per experiment, its prediction timings."""
-    exps = config["experiments"]
+    exps = evaluated_experiments()
     out = {"summaries": expand(f"{R}/evaluate/{{experiment}}/{{stage}}/summary.json", experiment=exps, stage=["raw", "post"])}
     for e in exps:
         out[f"timing_{e}"] = [predict_benchmark(e, c) for c in test_cases()]

@@ -40,6 +40,8 @@ rule aggregate_metrics:
                 "predict_only_skipped": UNLABELLED,
                 "failed_cases": split_data()["failed"],
                 "rejected_cases": dict(DISCOVERY.rejected),
+                # only for a fold ensemble, so that a single-model run's params stay as they were
+                **({"ensemble_folds": len(FOLDS)} if ENSEMBLE and parse_experiment(wc.experiment)[1] is None else {}),
             }
         ),
     localrule: True

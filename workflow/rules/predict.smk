@@ -3,9 +3,11 @@ rule predict:
         h5=lambda wc: h5(wc.case),
         models=models_for,
         specs=specs_for,
+        threshold=threshold_input,
     output:
         seg=f"{R}/predict/{{experiment}}/{{case}}.nii.gz",
         scores=f"{R}/predict/{{experiment}}/{{case}}_slices.tsv",
+        **PREDICT_OUTPUTS,
     log:
         f"{R}/logs/predict/{{experiment}}/{{case}}.log",
     benchmark:
@@ -15,7 +17,8 @@ rule predict:
         # Only what this experiment's mode reads: the gate is the cascade's, TTA the 2D models'.
         tta=lambda wc: str(config["predict"]["tta"]).lower() if predict_mode(wc) in ("cascade", "model_a") else "auto",
         gate=lambda wc: config["predict"]["gate"] if predict_mode(wc) == "cascade" else "auto",
-        models=lambda wc, input: role_options("--model", MODES[predict_mode(wc)], input.models),
+        models=model_options,
+        **PREDICT_PARAMS,
     threads: config["predict"]["threads"]
     resources:
         # How the job runs: not rerun triggers.
@@ -30,4 +33,5 @@ rule predict:
         " python -m liverseg predict-case --case {wildcards.case:q} --h5 {input.h5:q} {params.models}"
         " --mode {params.mode} --device {resources.predict_device} --tta {params.tta} --gate {params.gate}"
         " --batch {resources.predict_batch} --threads {threads}"
-        " --scores {output.scores:q} {output.seg:q} > {log:q} 2>&1"
+        # PREDICT_OPTIONS: "" unless the config asks for an ensemble or probability maps (common.smk)
+        f" --scores {{output.scores:q}}{PREDICT_OPTIONS} {{output.seg:q}} > {{log:q}} 2>&1"

@@ -34,7 +34,7 @@ rule summarize:
         f"{R}/logs/report/summarize.log",
     params:
         benchmarks=lambda wc, input: " ".join(
-            shlex.quote(f"--benchmark={e}={f}") for e in config["experiments"] for f in getattr(input, f"timing_{e}")
+            shlex.quote(f"--benchmark={e}={f}") for e in evaluated_experiments() for f in getattr(input, f"timing_{e}")
         ),
     localrule: True
     conda:

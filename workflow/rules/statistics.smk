@@ -9,7 +9,7 @@ rule statistics:
     log:
         f"{R}/logs/statistics/{{experiment}}/{{case}}.log",
     params:
-        models=lambda wc, input: role_options("--model", MODES[predict_mode(wc)], input.models),
+        models=model_options,
     resources:
         **sized("statistics", "pred", "image"),
         **slurm_resources("cpu"),
@@ -45,7 +45,7 @@ rule dicom_seg:
     log:
         f"{R}/logs/dicom_seg/{{experiment}}/{{case}}.log",
     params:
-        models=lambda wc, input: role_options("--model", MODES[predict_mode(wc)], input.models),
+        models=model_options,
     resources:
         **sized("dicom_seg", "pred", "series"),
         **slurm_resources("cpu"),
