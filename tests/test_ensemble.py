@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import liverseg.predict as P
-from liverseg.cascade import AOutput
 from liverseg.ensemble import pooled_threshold
 from liverseg.phantom import PhantomSpec, generate
 from liverseg.preprocess import preprocess_case
@@ -118,10 +117,14 @@ def test_probability_and_uncertainty_maps_decode_to_the_models_probabilities(tmp
     monkeypatch.setattr(P, "load_ensemble", lambda *a, **k: (None, spec))
     vecs = np.array([[0.2, 0.5, 0.3], [0.7, 0.1, 0.2]], np.float32)
 
-    def stub(model, spec, image, device, **kw):
+    def stub(model, spec, image, device, on_batch=None, **kw):
+        """run_a's contract: each batch's probabilities to on_batch, A's labels returned."""
         n = image.shape[0]
-        p = np.broadcast_to(vecs[np.arange(n) % 2][:, :, None, None], (n, 3, 40, 40)).astype(np.float16)
-        return AOutput(p, np.asarray(p.argmax(1), np.uint8))
+        p = np.broadcast_to(vecs[np.arange(n) % 2][:, :, None, None], (n, 3, 40, 40)).astype(np.float32)
+        for z0 in range(0, n, 4):
+            zs = list(range(z0, min(n, z0 + 4)))
+            on_batch(zs, torch.from_numpy(p[zs].copy()))
+        return np.asarray(p.argmax(1), np.uint8)
 
     monkeypatch.setattr(P, "run_a", stub)
     P.predict_case("5", h5, {"model_a": ["unused.pt"]}, tmp_path / "pred.nii.gz", mode="model_a",
@@ -132,7 +135,7 @@ def test_probability_and_uncertainty_maps_decode_to_the_models_probabilities(tmp
     u = np.asanyarray(nib.as_closest_canonical(u_img).dataobj)
     assert np.isclose(p_img.dataobj.slope, 1 / 255) and p_img.get_data_dtype() == np.uint8
     for z in range(img.shape[2]):
-        v = vecs[z % 2].astype(np.float16).astype(np.float64)
+        v = vecs[z % 2].astype(np.float64)
         on = np.abs(p[:, :, z] - v).max(-1) <= 0.5 / 255 + 1e-6
         assert on.mean() > 0.9
         # pixels the stored grid cut off are certain background
