@@ -88,8 +88,10 @@ def test_rerun_is_a_no_op_and_a_postprocess_change_reruns_only_downstream(demo_r
     assert _dry_jobs(demo_run) == {}
     (demo_run / "conn6.yaml").write_text(yaml.safe_dump({"postprocess": {"connectivity": 6}}))
     jobs = _dry_jobs(demo_run, "--configfile", str(demo_run / "config.yaml"), str(demo_run / "conn6.yaml"))
-    assert set(jobs) == {"postprocess", "evaluate_case", "aggregate_metrics", "overlay", "summarize", "all"}
+    assert set(jobs) == {"postprocess", "evaluate_case", "aggregate_metrics", "overlay", "summarize", "statistics",
+                         "collect_statistics", "all"}
     assert jobs["postprocess"] == len(TINY["experiments"]) * 2  # every experiment's test cases, nothing else
+    assert jobs["statistics"] == jobs["postprocess"]  # the volumes of each post-processed prediction
 
 
 def test_deleting_one_h5_redoes_only_that_case(demo_run, tmp_path):
