@@ -177,3 +177,14 @@ def test_ensemble_threshold_needs_validation_cases_for_every_fold(tmp_path):
     r = run("ensemble-threshold", "--model", "a.pt", "--model", "b.pt", "--val", "0=x.h5", str(tmp_path / "e.json"))
     assert r.returncode == 1 and r.stderr.strip().startswith(
         "liverseg ensemble-threshold: error: --val needs FOLD=H5 for folds 0..1"), r.stderr
+
+
+def test_ensemble_threshold_accepts_eleven_folds_in_numeric_order(tmp_path):
+    """Folds are matched by number (a string sort puts fold 10 before fold 2): with every fold given, the command
+    gets past the check and fails only on the model files that do not exist."""
+    args = []
+    for f in range(11):
+        args += ["--model", str(tmp_path / f"m{f}.pt"), "--val", f"{f}={tmp_path / f'v{f}.h5'}"]
+    r = run("ensemble-threshold", *args, str(tmp_path / "e.json"))
+    assert r.returncode != 0 and "--val needs" not in r.stderr, r.stderr
+    assert "model file missing" in r.stderr.strip().splitlines()[-1], r.stderr

@@ -168,3 +168,18 @@ def test_an_ensemble_needs_folds():
     with pytest.raises(ConfigError, match="split.ensemble"):
         config.load(overrides={"split": {"ensemble": True}})
     assert config.load(overrides={"split": {"ensemble": True, "folds": 3}})["split"]["ensemble"] is True
+
+
+def test_an_ensemble_threshold_chosen_for_other_folds_is_not_used(tmp_path):
+    """classifier/ensemble.json applies only to the fold models it was chosen for (a leftover fold_2 from an
+    earlier 3-fold run, or a file from another set of folds, falls back to the members' own thresholds)."""
+    import json
+
+    folds = [tmp_path / "classifier" / f"fold_{f}" / "model.pt" for f in range(2)]
+    record = {"threshold": 0.25, "models": [f"results/train/classifier/fold_{f}/model.pt" for f in range(2)]}
+    (tmp_path / "classifier").mkdir()
+    (tmp_path / "classifier" / "ensemble.json").write_text(json.dumps(record))
+    assert P.ensemble_threshold_in(tmp_path, {"classifier": folds}) == 0.25
+    three = folds + [tmp_path / "classifier" / "fold_2" / "model.pt"]
+    assert P.ensemble_threshold_in(tmp_path, {"classifier": three}) is None
+    assert P.ensemble_threshold_in(tmp_path, {"classifier": folds[:1]}) is None  # a single model: its own

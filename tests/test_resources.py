@@ -64,3 +64,10 @@ def test_prediction_memory_adds_one_batch_of_activations_by_slice_area_not_slice
     assert R.mem_mb(spec, R.h5_mb(tmp_path / "short.h5"), 2, base=base) == pytest.approx(2 * short, abs=1)
     with pytest.raises(FileNotFoundError):
         R.h5_slice_mpx(tmp_path / "later.h5")
+
+
+def test_the_source_grid_volume_of_a_case_sizes_the_optional_maps(tmp_path):
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f.create_dataset("image", data=np.zeros((4, 8, 8), np.float16))
+        f.attrs["canonical_shape"] = np.array([512, 400, 90])
+    assert R.h5_source_mb(tmp_path / "c.h5") == pytest.approx(512 * 400 * 90 / 2**20)

@@ -137,9 +137,11 @@ def _cmd_predict_case(a):
 def _cmd_ensemble_threshold(a):
     from liverseg.ensemble import ensemble_threshold
 
+    _threads(a.threads)
     val = _grouped(a.val, "fold")
-    if sorted(val) != [str(f) for f in range(len(a.model))]:
-        raise ConfigError(f"--val needs FOLD=H5 for folds 0..{len(a.model) - 1} (one --model per fold), got {sorted(val)}")
+    if sorted(val, key=int) != [str(f) for f in range(len(a.model))]:  # by number: fold 10 after fold 9
+        raise ConfigError(f"--val needs FOLD=H5 for folds 0..{len(a.model) - 1} (one --model per fold), got "
+                          f"{sorted(val, key=int)}")
     print(json.dumps(ensemble_threshold(a.model, [val[str(f)] for f in range(len(a.model))], a.out,
                                         a.min_sensitivity, a.device)))
 
@@ -346,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a validation case of fold FOLD, repeated")
     s.add_argument("--min-sensitivity", type=float, default=D("train.min_sensitivity"))
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=D("predict.device"))
+    s.add_argument("--threads", type=int, default=D("predict.threads"), help="CPU threads (0 = torch default)")
     s.add_argument("out")
     s.set_defaults(func=_cmd_ensemble_threshold)
 

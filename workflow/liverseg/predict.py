@@ -94,6 +94,9 @@ def models_in(folder, mode: str) -> dict[str, list[Path]]:
     for role in MODES[mode]:
         single = Path(folder) / role / "model.pt"
         folds = sorted((Path(folder) / role).glob("fold_*/model.pt"), key=lambda p: int(p.parent.name[5:]))
+        if single.is_file() and folds:
+            log.warning("%s holds both model.pt and fold models; using model.pt (move one away to choose)",
+                        Path(folder) / role)
         out[role] = [single] if single.is_file() or not folds else folds
     return out
 
@@ -104,7 +107,16 @@ def ensemble_threshold_in(folder, models: dict) -> float | None:
     from liverseg.ensemble import read_threshold
 
     path = Path(folder) / "classifier" / "ensemble.json"
-    if len(models.get("classifier", [])) > 1 and path.is_file():
+    loaded = models.get("classifier", [])
+    if len(loaded) > 1 and path.is_file():
+        import json
+
+        # by fold folder (the file records paths as the workflow ran, relative to its working directory)
+        chosen_for = [Path(m).parent.name for m in json.loads(path.read_text()).get("models", [])]
+        if chosen_for != [Path(m).parent.name for m in loaded]:  # left from another set of folds
+            log.warning("%s was chosen for other classifier files (%s); using the members' mean threshold instead",
+                        path, ", ".join(map(str, chosen_for)) or "none listed")
+            return None
         return read_threshold(path)
     return None
 

@@ -74,6 +74,21 @@ def h5_slice_mpx(path) -> float:
         return 0.0
 
 
+def h5_source_mb(path) -> float:
+    """MB of one uint8 volume on the scan's own grid (the HDF5 file's ``canonical_shape``), the unit of the
+    optional probability (3 of them) and uncertainty (1) maps prediction fills."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingInput(path)
+    try:
+        import h5py
+
+        with h5py.File(p, "r") as f:
+            return math.prod(int(v) for v in f.attrs["canonical_shape"]) / MB
+    except Exception:  # noqa: BLE001 - as in nifti_mb
+        return 0.0
+
+
 def predict_base_mb(spec: dict, batch: int, slice_mpx: float) -> float:
     """Prediction's fixed memory: the process and models (``mem_mb``) plus one batch's activations, which grow
     with the batch and the slice area, not with the number of slices (``batch_mb_per_mpx`` MB per megapixel of

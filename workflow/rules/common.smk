@@ -125,6 +125,10 @@ def fold_cases(fold):
     if "folds_cases" not in sp:  # a k-fold split.json written before the fold lists were
         raise WorkflowError(f"liverseg: {R}/split/split.json has no folds_cases (written before fold ensembles); "
                             "rerun the split: snakemake --forcerun split")
+    if len(sp["folds_cases"]) != len(FOLDS):  # split.folds edited since the split ran
+        raise WorkflowError(f"liverseg: {R}/split/split.json holds {len(sp['folds_cases'])} folds but split.folds is "
+                            f"{len(FOLDS)}; rerun the split (snakemake --forcerun split), which also re-plans, "
+                            "re-preprocesses and retrains")
     return sp["folds_cases"][int(fold)]
 
 
@@ -276,11 +280,31 @@ def predict_sized():
     spec = config["resources"]["predict"]
     batch = config["predict"]["batch_size"]
 
+    # The optional maps are uint8 volumes on the scan's grid (3 classes + 1), held whole and copied once on saving.
+    maps = 2 * (3 * config["predict"]["save_probabilities"] + config["predict"]["save_uncertainty"])
+
     def base(input):
-        return jobres.predict_base_mb(spec, batch, jobres.h5_slice_mpx(input.h5))
+        return (jobres.predict_base_mb(spec, batch, jobres.h5_slice_mpx(input.h5))
+                + maps * jobres.h5_source_mb(input.h5))
 
     return {"mem_mb": lambda wc, input, attempt: jobres.mem_mb(spec, jobres.h5_mb(input.h5), attempt, base=base(input)),
             "runtime": lambda wc, input, attempt: jobres.runtime(spec, jobres.h5_mb(input.h5), attempt)}
+
+
+def ensemble_threshold_sized():
+    """The fold ensemble's threshold job: prediction's memory for its largest validation case, its time for all."""
+    spec = config["resources"]["predict"]
+    batch = config["predict"]["batch_size"]
+
+    def mem(wc, input, attempt):
+        big = max(input.val, key=jobres.h5_mb, default=None)
+        if big is None:
+            return jobres.mem_mb(spec, 0, attempt)
+        base = jobres.predict_base_mb(spec, batch, jobres.h5_slice_mpx(big))
+        return jobres.mem_mb(spec, jobres.h5_mb(big), attempt, base=base)
+
+    return {"mem_mb": mem,
+            "runtime": lambda wc, input, attempt: jobres.runtime(spec, sum(jobres.h5_mb(f) for f in input.val), attempt)}
 
 
 def train_sized():
@@ -302,7 +326,7 @@ def train_sized():
 # ---------------------------------------------------------------- prediction and evaluation
 # `<experiment>` and, for a fold ensemble, `<experiment>-fold<f>` (fold f's models alone: liverseg.roles).
 wildcard_constraints:
-    experiment="(?:" + "|".join(EXPERIMENTS) + ")" + ("(?:-fold[0-9]+)?" if ENSEMBLE else ""),
+    experiment="(?:" + "|".join(EXPERIMENTS) + ")" + ("(?:-fold(?:" + "|".join(map(str, FOLDS)) + "))?" if ENSEMBLE else ""),
     stage="raw|post",
 
 

@@ -77,12 +77,12 @@ rule ensemble_threshold:
     threads: config["predict"]["threads"]
     resources:
         predict_device=config["predict"]["device"],
-        mem_mb=4000,
-        runtime=30,
+        # one validation case at a time through k classifiers: prediction's memory for the largest case; time for all
+        **ensemble_threshold_sized(),
         **gpu_resources("predict"),
     conda:
         torch_env("predict")
     shell:
         "python -m liverseg.gpuslot --slots {resources.gpu_slots} --take {resources.gpu_take} --"
         " python -m liverseg ensemble-threshold {params.models} {params.val} --min-sensitivity {params.min_sens}"
-        " --device {resources.predict_device} {output:q} > {log:q} 2>&1"
+        " --device {resources.predict_device} --threads {threads} {output:q} > {log:q} 2>&1"
