@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 import re
 import os
 import subprocess
@@ -314,6 +315,16 @@ def test_single_split_keeps_its_model_paths_and_a_fold_ensemble_trains_each_fold
         assert f"--needs classifier=results/train/classifier/fold_{f}/model.pt" in b
         assert f"--needs model_a=results/train/model_a/fold_{f}/model.pt" in b
     assert "output: results/train/classifier/ensemble.json" in ens
+    # The pooled threshold: fold f's classifier scores exactly fold f's validation cases, never its training
+    # cases or a test case (with k = 2 the folds' validation sets together cover every non-test case, so the
+    # pairing of models and cases is what must be checked).
+    sp = json.loads((tmp_path / "ens" / "results/split/split.json").read_text())
+    cmd = next(ln for ln in ens.splitlines() if "liverseg ensemble-threshold" in ln)
+    assert re.findall(r"--model (\S+)", cmd) == [f"results/train/classifier/fold_{f}/model.pt" for f in (0, 1)]
+    for f in (0, 1):
+        cases = {Path(h).stem for h in re.findall(rf"--val {f}=(\S+)", cmd)}
+        assert cases == set(sp["folds_cases"][f]["val"]) and cases
+        assert not cases & (set(sp["folds_cases"][f]["train"]) | set(sp["test"]))
     pred = [ln for ln in ens.splitlines() if "liverseg predict-case" in ln]
     whole = [ln for ln in pred if "results/predict/v4_cascade/" in ln]
     assert whole and all(ln.count("--model ") == 6 and "--classifier-threshold-file" in ln for ln in whole)
