@@ -296,7 +296,8 @@ def predict_scan(in_path, out_path, model_dir, mode: str = "cascade", device: st
     if series_uid and not is_dicom:
         raise CaseError(case, f"--series-uid applies to a DICOM folder; {in_path} is not one")
     models = models_in(model_dir, mode)
-    spec_path = Path(models["model_a"][0]).with_suffix(".json")
+    # the grid and window every model of the mode shares, from its whole-volume segmenter (model_a, V3 or V1)
+    spec_path = Path(models[MODES[mode][0]][0]).with_suffix(".json")
     if not spec_path.is_file():
         raise ModelFileError(f"model file missing: {spec_path}")
     spec = json.loads(spec_path.read_text())
