@@ -259,3 +259,26 @@ def test_dicom_seg_needs_a_dicom_input(tmp_path, monkeypatch):
         P.predict_scan(scan, tmp_path / "o.nii.gz", tmp_path, output_format="dicom-seg")
     with pytest.raises(CaseError, match="add --output-format dicom-seg"):
         P.predict_path(scan, tmp_path / "o.dcm", tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["v3_convlstm", "v1_3dcnn"])
+def test_a_scan_is_preprocessed_with_the_grid_of_the_modes_own_models(tmp_path, monkeypatch, mode):
+    """V3 and V1 load no model A: predict_scan must read window and grid from the mode's own model file."""
+    from conftest import write_nifti
+    from liverseg.phantom import PhantomSpec, generate
+
+    img, lab, aff = generate(3, PhantomSpec(size=48, slices=10))
+    scan = write_nifti(tmp_path / "scan.nii.gz", img, aff)
+    spec = {"window": {"mode": "fixed", "lower": -150.0, "upper": 250.0}, "slice_size": 48, "spacing_mm": 8.0}
+    (tmp_path / "models" / mode).mkdir(parents=True)
+    (tmp_path / "models" / mode / "model.json").write_text(json.dumps(spec))
+    (tmp_path / "models" / mode / "model.pt").write_bytes(b"")
+    seen = {}
+
+    def stub(case, h5, models, out, *a, **kw):
+        seen["models"], seen["mode"] = models, kw.get("mode")
+        return _stub_predict(case, h5, models, out)
+
+    monkeypatch.setattr(P, "predict_case", stub)
+    P.predict_scan(scan, tmp_path / "out.nii.gz", tmp_path / "models", mode=mode)
+    assert list(seen["models"]) == [mode] and (tmp_path / "out.nii.gz").exists()
