@@ -7,10 +7,10 @@ second and peak RSS (VmHWM) against the int16 volume.
 
 Models:
   --models DIR   the models of a finished run (default results/train: the demo's, slices at 128, A at 96).
-  --lits         LiTS-sized models built here, untrained: the schema defaults with slices.size 512 (what
-                 config.yaml's comments say a LiTS run uses: resnet18 encoders, full UNet++ decoders
-                 256-128-64-32-16, classifier and model A at 512 x 512, model B on 256-pixel patches of the 512
-                 grid), encoder_weights None, nothing downloaded (HF_HUB_OFFLINE=1). Network cost does not depend
+  --lits         LiTS-sized models built here, untrained: the schema defaults on the grid the LiTS-like headers
+                 plan (bench/cpu_lits.py's `lits`: resnet18 encoders, full UNet++ decoders 256-128-64-32-16,
+                 classifier and model A on whole stored slices, model B on 256-pixel patches of them),
+                 encoder_weights None, nothing downloaded (HF_HUB_OFFLINE=1). Network cost does not depend
                  on the weights, but the cascade's routing does, so the output heads are set to a fixed answer:
                    --workload all   every slice liver-positive and liver everywhere: B tiles every whole slice
                                     (9 patches of 256 at stride 128), post-processing keeps the whole volume;
@@ -51,38 +51,15 @@ print(json.dumps({"s": dt, "summary": s, "rss_mb": hwm(), "import_rss_mb": base}
 PHANTOM = ("import sys; from liverseg.phantom import PhantomSpec, write_case; "
            "write_case(0, sys.argv[1], sys.argv[2], PhantomSpec(size=int(sys.argv[3]), slices=int(sys.argv[4])))")
 
-ROLES = ("classifier", "model_a", "model_b")
 
 
 def build_lits_models(out: Path, workload: str) -> dict:
-    """Untrained LiTS-sized models with fixed output heads, saved as training saves them."""
-    import torch
+    """Untrained LiTS-sized models with fixed output heads on the LiTS plan's grid (bench/cpu_lits.py builds them;
+    its ``lits`` configuration), saved as training saves them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cpu_lits import build_models, lits_plan
 
-    from liverseg import config as C
-    from liverseg import models as M
-    from liverseg.train import make_spec
-
-    cfg = C.load(None, {"slices": {"size": 512}})  # schema defaults = the LiTS models; config.yaml's 512 grid
-    torch.manual_seed(0)
-    on = workload == "all"
-    specs = {}
-    for role in ROLES:
-        spec = make_spec(cfg, role)
-        spec["encoder_weights"] = None
-        model = M.build(spec)
-        with torch.no_grad():
-            if role == "classifier":
-                model.head.weight.zero_()
-                model.head.bias.fill_(10.0 if on else -10.0)  # every slice positive / negative
-                spec["threshold"] = 0.5
-            else:
-                conv = model.segmentation_head[0]
-                conv.weight.zero_()
-                conv.bias.copy_(torch.tensor([-10.0, 10.0, -10.0] if on else [10.0, -10.0, -10.0]))
-        (out / role).mkdir(parents=True)
-        M.save(model, spec, out / role / "model.pt", out / role / "model.json")
-        specs[role] = spec
-    return specs
+    return build_models(out, lits_plan(), workload)
 
 
 def main():
@@ -100,7 +77,7 @@ def main():
             models = md
             specs = build_lits_models(Path(md), a.workload)
             sa, sb, sc = specs["model_a"], specs["model_b"], specs["classifier"]
-            print(f"LiTS-sized untrained models (schema defaults, slices.size 512), workload {a.workload}: "
+            print(f"LiTS-sized untrained models (schema defaults, the LiTS plan's grid), workload {a.workload}: "
                   f"classifier {sc['encoder']} at {sc['input_size']}; A UNet++ {sa['encoder']} decoder "
                   f"{'-'.join(map(str, sa['decoder_channels']))} at {sa['input_size']}; B the same on "
                   f"{sb['patch_size']}-pixel patches of the {sb['slice_size']} grid; no TTA")
