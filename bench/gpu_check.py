@@ -27,11 +27,10 @@ sys.path.insert(0, str(ROOT / "workflow"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from liverseg import config as C  # noqa: E402
 from liverseg import models as M  # noqa: E402
-from liverseg.train import make_spec, soft_dice_loss  # noqa: E402
+from liverseg.train import make_spec  # noqa: E402
 
 
 def sync(dev):
@@ -40,33 +39,13 @@ def sync(dev):
 
 
 def train_rate(spec: dict, batch: int, steps: int, dev: torch.device) -> tuple[float, float]:
-    """Slices per second of forward + backward + AdamW step with AMP, and peak GPU memory (GiB)."""
-    torch.manual_seed(0)
-    model = M.build(spec).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and not torch.cuda.is_bf16_supported())
-    s = spec["input_size"]
-    x = torch.rand(batch, spec["in_channels"], s, s, device=dev)
-    y = torch.randint(0, 3, (batch, s, s), device=dev)
+    """Slices per second of forward + backward + AdamW step with AMP (bench/train_throughput.py's measurement),
+    and peak GPU memory (GiB)."""
+    from train_throughput import measure
+
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = None
-    for i in range(steps + 2):  # two warm-up steps (cuDNN autotuning, allocator)
-        if i == 2:
-            sync(dev)
-            t0 = time.perf_counter()
-        with M.autocast(dev, True):
-            out = model(x)
-            if spec["kind"] == "classifier":
-                loss = F.binary_cross_entropy_with_logits(out.float(), (y[:, 0, 0] > 0).float())
-            else:
-                loss = F.cross_entropy(out.float(), y) + soft_dice_loss(out, y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    sync(dev)
-    rate = batch * steps / (time.perf_counter() - t0)
+    rate = measure(spec, batch, steps, dev, True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
     return rate, peak
 
