@@ -282,3 +282,63 @@ def test_a_scan_is_preprocessed_with_the_grid_of_the_modes_own_models(tmp_path, 
     monkeypatch.setattr(P, "predict_case", stub)
     P.predict_scan(scan, tmp_path / "out.nii.gz", tmp_path / "models", mode=mode)
     assert list(seen["models"]) == [mode] and (tmp_path / "out.nii.gz").exists()
+
+
+def test_stored_slices_index_like_the_whole_array(tmp_path):
+    """The lazy reader answers every index prediction uses (one slice, negative, a 2.5D context stack out of
+    order with repeats, a 2D index array, a strided slice) exactly as the array read whole, and keeps at most
+    ``keep`` slices."""
+    import h5py
+
+    a = np.random.default_rng(0).normal(size=(12, 5, 5)).astype(np.float16)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.create_dataset("image", data=a, chunks=(1, 5, 5))
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        s = P.StoredSlices(f["image"], keep=3)
+        assert s.shape == a.shape and len(s) == 12
+        for idx in (4, -1, np.int64(7), [3, 2, 2, 11, 0], np.array([[1, 1, 2], [5, 4, 3]]), [], slice(1, None, 3)):
+            got, want = s[idx], a[idx]
+            assert got.shape == want.shape and np.array_equal(got, want), idx
+        assert len(s._cache) <= 3
+
+
+@pytest.mark.parametrize("mode", ["model_a", "cascade"])
+def test_prediction_reads_the_stored_image_a_slice_at_a_time(tiny_dataset, tiny_models, tmp_path, monkeypatch, mode):
+    """Prediction never reads the stored image whole (issue 13: the float16 image alone is the int16 scan's
+    size), and its labels equal those made from the image held whole in memory."""
+    _, paths, _ = tiny_dataset
+    models = P.models_in(tiny_models, mode)
+    P.predict_case("3", paths["3"], models, tmp_path / "lazy.nii.gz", mode=mode, device="cpu", batch=2)
+    reads = []
+    real_open = P.open_case
+
+    class Counting:  # the dataset, recording how many slices each read returns
+        def __init__(self, ds):
+            self._ds, self.shape, self.dtype = ds, ds.shape, ds.dtype
+
+        def __getitem__(self, idx):
+            out = self._ds[idx]
+            reads.append(1 if np.ndim(out) == 2 else out.shape[0])
+            return out
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def counting_open(h5, case):
+        with real_open(h5, case) as (image, geom, attrs):
+            yield P.StoredSlices(Counting(image._ds)), geom, attrs
+
+    monkeypatch.setattr(P, "open_case", counting_open)
+    P.predict_case("3", paths["3"], models, tmp_path / "counted.nii.gz", mode=mode, device="cpu", batch=2)
+    assert reads and max(reads) == 1, reads
+
+    @contextlib.contextmanager
+    def whole_open(h5, case):
+        with real_open(h5, case) as (image, geom, attrs):
+            yield image._ds[:], geom, attrs
+
+    monkeypatch.setattr(P, "open_case", whole_open)
+    P.predict_case("3", paths["3"], models, tmp_path / "whole.nii.gz", mode=mode, device="cpu", batch=2)
+    lazy = np.asanyarray(nib.load(tmp_path / "lazy.nii.gz").dataobj)
+    assert np.array_equal(lazy, np.asanyarray(nib.load(tmp_path / "whole.nii.gz").dataobj))
+    assert (lazy >= 1).any() or mode == "model_a"

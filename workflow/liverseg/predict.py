@@ -8,8 +8,10 @@ model_a's and model_b's model.json); ``gate``/``tta`` override it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import h5py
@@ -40,6 +42,66 @@ def read_case(h5_path, case: str, label: bool = True):
         raise CaseError(case, f"cannot read preprocessed file {h5_path}: {exc}") from None
     geom = Geometry(tuple(int(v) for v in attrs["original_shape"]), np.asarray(attrs["affine"]), np.asarray(attrs["ornt"]))
     return image, geom, attrs, label
+
+
+class StoredSlices:
+    """The stored image (Z, S, S) of an open HDF5 file, read slice by slice as the networks ask for it, so
+    prediction never holds the whole float16 image (about the int16 scan's size; with it V2 at batch 16 peaked
+    at 4.3x the int16 volume at 512 x 512 x 900, issue 13).  Indexing as a numpy array: an int gives one slice, a
+    list of ints a stack (the 2.5D context, in any order, repeats allowed), a slice object reads through h5py.
+    The last ``keep`` slices read are kept, since neighbouring batches share their context slices and the
+    cascade reads B's slices again after A's pass over them."""
+
+    ndim = 3
+
+    def __init__(self, dataset, keep: int = 64):
+        self._ds = dataset
+        self.shape = tuple(int(v) for v in dataset.shape)
+        self.dtype = dataset.dtype
+        self._keep = int(keep)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _slice(self, z: int) -> np.ndarray:
+        if z < 0:
+            z += self.shape[0]
+        hit = self._cache.get(z)
+        if hit is not None:
+            self._cache.move_to_end(z)
+            return hit
+        a = self._ds[z]
+        self._cache[z] = a
+        if len(self._cache) > self._keep:
+            self._cache.popitem(last=False)
+        return a
+
+    def __getitem__(self, idx):
+        if isinstance(idx, (int, np.integer)):
+            return self._slice(int(idx))
+        if isinstance(idx, (slice, tuple)):
+            return self._ds[idx]
+        zs = np.asarray(idx)
+        if zs.size == 0:
+            return np.zeros((0, *self.shape[1:]), self.dtype)
+        return np.stack([self._slice(int(z)) for z in zs.ravel()]).reshape(zs.shape + self.shape[1:])
+
+
+@contextlib.contextmanager
+def open_case(h5_path, case: str):
+    """(StoredSlices of the image, geometry, attributes) of a preprocessed case, its file open while in use."""
+    try:
+        f = h5py.File(h5_path, "r")
+        image, attrs = StoredSlices(f["image"]), dict(f.attrs)
+    except (OSError, KeyError) as exc:
+        raise CaseError(case, f"cannot read preprocessed file {h5_path}: {exc}") from None
+    try:
+        geom = Geometry(tuple(int(v) for v in attrs["original_shape"]), np.asarray(attrs["affine"]),
+                        np.asarray(attrs["ornt"]))
+        yield image, geom, attrs
+    finally:
+        f.close()
 
 
 def require_mm(spec: dict, model_path) -> None:
@@ -143,72 +205,72 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
         raise ConfigError(f"mode {mode} needs model file(s) for {missing} (give --model ROLE=MODEL_PT)")
     dev = resolve_device(device)
     tta = _tta_flag(tta)
-    image, geom, attrs, _ = read_case(h5_path, case, label=False)  # prediction never needs the label
-    loaded = {}
-    for role in MODES[mode]:
-        paths = [Path(p) for p in models[role]]
-        loaded[role] = load_ensemble(paths, device=dev)
-        check_compatible(loaded[role][1], attrs, paths[0])
-    nx, ny, nz = (int(v) for v in attrs["canonical_shape"])
-    z_mm = float(attrs["slice_spacing"])
-    vol = np.zeros((nx, ny, nz), np.uint8)
-    scores = np.full(nz, np.nan, np.float32)
-    codes = np.ones(nz, np.int8)
-    a_liver = np.zeros(nz, np.int64)
-    summary = {"case": case, "mode": mode, "slices": nz}
-    maps = {}  # uint8 probability / uncertainty volumes, made at the first batch (its class count)
+    # the image is read slice by slice as the networks need it (StoredSlices); the file stays open meanwhile
+    with open_case(h5_path, case) as (image, geom, attrs):
+        loaded = {}
+        for role in MODES[mode]:
+            paths = [Path(p) for p in models[role]]
+            loaded[role] = load_ensemble(paths, device=dev)
+            check_compatible(loaded[role][1], attrs, paths[0])
+        nx, ny, nz = (int(v) for v in attrs["canonical_shape"])
+        z_mm = float(attrs["slice_spacing"])
+        vol = np.zeros((nx, ny, nz), np.uint8)
+        scores = np.full(nz, np.nan, np.float32)
+        codes = np.ones(nz, np.int8)
+        a_liver = np.zeros(nz, np.int64)
+        summary = {"case": case, "mode": mode, "slices": nz}
+        maps = {}  # uint8 probability / uncertainty volumes, made at the first batch (its class count)
 
-    def put(zs, probs):
-        """Stored-grid probabilities of slices ``zs`` -> labels on the scan's own grid (to_source_grid)."""
-        probs = to_source_grid(probs, attrs)
-        vol[:, :, zs] = np.transpose(probs.argmax(dim=1).to(torch.uint8).numpy(), (2, 1, 0))
-        if probabilities_path:  # (n, K, y, x) -> (x, y, n, K)
-            if "p" not in maps:
-                maps["p"] = np.zeros((nx, ny, nz, probs.shape[1]), np.uint8)
-                maps["p"][..., 0] = 255  # a slice no batch covers stays certain background, as its label
-            maps["p"][:, :, zs] = quantise_unit(np.transpose(probs.float().numpy(), (3, 2, 0, 1)))
-        if uncertainty_path:
-            if "u" not in maps:
-                maps["u"] = np.zeros((nx, ny, nz), np.uint8)
-            maps["u"][:, :, zs] = quantise_unit(np.transpose(normalised_entropy(probs).numpy(), (2, 1, 0)))
+        def put(zs, probs):
+            """Stored-grid probabilities of slices ``zs`` -> labels on the scan's own grid (to_source_grid)."""
+            probs = to_source_grid(probs, attrs)
+            vol[:, :, zs] = np.transpose(probs.argmax(dim=1).to(torch.uint8).numpy(), (2, 1, 0))
+            if probabilities_path:  # (n, K, y, x) -> (x, y, n, K)
+                if "p" not in maps:
+                    maps["p"] = np.zeros((nx, ny, nz, probs.shape[1]), np.uint8)
+                    maps["p"][..., 0] = 255  # a slice no batch covers stays certain background, as its label
+                maps["p"][:, :, zs] = quantise_unit(np.transpose(probs.float().numpy(), (3, 2, 0, 1)))
+            if uncertainty_path:
+                if "u" not in maps:
+                    maps["u"] = np.zeros((nx, ny, nz), np.uint8)
+                maps["u"][:, :, zs] = quantise_unit(np.transpose(normalised_entropy(probs).numpy(), (2, 1, 0)))
 
-    # Memory (issue 13): besides the image, only uint8 volumes are held whole; probabilities exist for one batch
-    # of slices at a time (V1: the slices one row of 3D patches covers), from the network to the label's argmax.
-    if mode == "v1_3dcnn":
-        model, spec = loaded["v1_3dcnn"]
-        for zs, p in sliding_window_3d(model, spec, image, dev, amp=amp, stride=case_stride(spec, z_mm)):
-            put(zs, p)
-    elif mode == "v3_convlstm":
-        model, spec = loaded["v3_convlstm"]
-        for zs, p in segment_sequences(model, spec, image, dev, amp=amp, stride=case_stride(spec, z_mm)):
-            put(zs, p)
-    else:
-        model_a, spec_a = loaded["model_a"]
-        tta_a = bool(_choice(tta, spec_a, "tta", False))
-        # A's result is written for every slice as it comes; the cascade then rewrites the slices it gives to B
-        # or to background (cascade_batches), so A's probabilities are never kept for the whole volume.
-        a_labels = run_a(model_a, spec_a, image, dev, batch=batch, amp=amp, tta=tta_a,
-                         stride=case_stride(spec_a, z_mm), on_batch=put)
-        summary["tta_a"] = tta_a
-        if mode == "cascade":
-            clf, spec_c = loaded["classifier"]
-            model_b, spec_b = loaded["model_b"]
-            g = _choice(gate, spec_b, "gate", "route")
-            tta_b = bool(_choice(tta, spec_b, "tta", False))
-            scores = classify(clf, spec_c, image, dev, amp=amp, stride=case_stride(spec_c, z_mm))
-            present, region, zrange = liver_region(a_labels, int(spec_b["crop_margin"]), int(spec_b["z_margin"]),
-                                                   int(spec_b["patch_size"]))
-            if region is None:
-                log.warning("case %s: model A found no liver; no slice goes to model B", case)
-            thr = float(spec_c["threshold"] if classifier_threshold is None else classifier_threshold)
-            codes = gate_slices(scores, thr, present, zrange, g)
-            summary.update(gate=g, tta_b=tta_b, threshold=thr, region=region, z_range=zrange)
-            for zs, probs in cascade_batches(image, codes, region, model_b, spec_b, dev, batch=batch, amp=amp,
-                                             tta=tta_b, stride=case_stride(spec_b, z_mm)):
-                put(zs, probs)
-        a_liver = (a_labels >= 1).sum(axis=(1, 2))
-        del a_labels
-    del image
+        # Memory (issue 13): besides the image, only uint8 volumes are held whole; probabilities exist for one batch
+        # of slices at a time (V1: the slices one row of 3D patches covers), from the network to the label's argmax.
+        if mode == "v1_3dcnn":
+            model, spec = loaded["v1_3dcnn"]
+            for zs, p in sliding_window_3d(model, spec, image, dev, amp=amp, stride=case_stride(spec, z_mm)):
+                put(zs, p)
+        elif mode == "v3_convlstm":
+            model, spec = loaded["v3_convlstm"]
+            for zs, p in segment_sequences(model, spec, image, dev, amp=amp, stride=case_stride(spec, z_mm)):
+                put(zs, p)
+        else:
+            model_a, spec_a = loaded["model_a"]
+            tta_a = bool(_choice(tta, spec_a, "tta", False))
+            # A's result is written for every slice as it comes; the cascade then rewrites the slices it gives to B
+            # or to background (cascade_batches), so A's probabilities are never kept for the whole volume.
+            a_labels = run_a(model_a, spec_a, image, dev, batch=batch, amp=amp, tta=tta_a,
+                             stride=case_stride(spec_a, z_mm), on_batch=put)
+            summary["tta_a"] = tta_a
+            if mode == "cascade":
+                clf, spec_c = loaded["classifier"]
+                model_b, spec_b = loaded["model_b"]
+                g = _choice(gate, spec_b, "gate", "route")
+                tta_b = bool(_choice(tta, spec_b, "tta", False))
+                scores = classify(clf, spec_c, image, dev, amp=amp, stride=case_stride(spec_c, z_mm))
+                present, region, zrange = liver_region(a_labels, int(spec_b["crop_margin"]), int(spec_b["z_margin"]),
+                                                       int(spec_b["patch_size"]))
+                if region is None:
+                    log.warning("case %s: model A found no liver; no slice goes to model B", case)
+                thr = float(spec_c["threshold"] if classifier_threshold is None else classifier_threshold)
+                codes = gate_slices(scores, thr, present, zrange, g)
+                summary.update(gate=g, tta_b=tta_b, threshold=thr, region=region, z_range=zrange)
+                for zs, probs in cascade_batches(image, codes, region, model_b, spec_b, dev, batch=batch, amp=amp,
+                                                 tta=tta_b, stride=case_stride(spec_b, z_mm)):
+                    put(zs, probs)
+            a_liver = (a_labels >= 1).sum(axis=(1, 2))
+            del a_labels
     save_nifti_like(vol, geom, out_path)
     for key, path in (("p", probabilities_path), ("u", uncertainty_path)):
         if path:
