@@ -46,7 +46,7 @@ TINY_TRAIN = {
     "model_a": {"encoder": "mobilenet_v2", "encoder_depth": 3, "decoder_channels": [16, 8, 8], "batch_size": 4,
                 "epochs": 2, "samples_per_epoch": 8},
     "model_b": {"encoder": "mobilenet_v2", "encoder_depth": 3, "decoder_channels": [16, 8, 8], "batch_size": 4,
-                "epochs": 2, "samples_per_epoch": 8, "crop_margin": 2, "patch_size": 16, "z_margin": 1, "box_shift": 2},
+                "epochs": 2, "samples_per_epoch": 8, "crop_margin": 2, "patch_size": 16, "z_margin_mm": 1, "box_shift": 2},
     "v3_convlstm": {"encoder": "mobilenet_v2", "encoder_depth": 3, "decoder_channels": [16, 8, 8], "batch_size": 2,
                     "epochs": 2, "samples_per_epoch": 4, "seq_len": 3},
     "v1_3dcnn": {"channels_3d": [4, 8, 16], "patch_depth": 8, "patch_size": 32, "batch_size": 2, "epochs": 2,

@@ -94,7 +94,7 @@ def _stub_models(monkeypatch, scores):
     specs = {
         "model_a": (_StubA(), {**base, "input_size": S}),
         "classifier": (None, {**base, "input_size": S, "threshold": 0.5}),
-        "model_b": (_StubB(), {**base, "input_size": 16, "patch_size": 16, "crop_margin": 2, "z_margin": 1}),
+        "model_b": (_StubB(), {**base, "input_size": 16, "patch_size": 16, "crop_margin": 2, "z_margin_mm": 1}),
     }
     monkeypatch.setattr(P, "load_ensemble", lambda paths, device=None: specs[paths[0].parent.name])
     monkeypatch.setattr(P, "classify", lambda *a, **k: np.asarray(scores, np.float32))
@@ -279,7 +279,7 @@ def test_b_is_validated_on_model_a_boxes_not_the_reference(tmp_path):
 
     models = {"model_a": (_StubA(), {"input_size": S, "context": 0, "classes": 3}),
               "classifier": (AllPositive(), {"input_size": S, "context": 0})}
-    vc = prepare_val_case(h5, models, 0.5, margin=1, z_margin=1, patch=16, gates=["route", "suppress"],
+    vc = prepare_val_case(h5, models, 0.5, margin=1, z_margin_mm=1, patch=16, gates=["route", "suppress"],
                           device=torch.device("cpu"), amp=False)
     # stored slice rows = y, columns = x (RAS input): A's liver rows 16..29, columns 2..13, slices 3..9
     assert vc.region == (15, 31, 0, 16)

@@ -183,3 +183,27 @@ def test_plan_rule_output_is_what_preprocess_reads(tmp_path):
     plan = write_plan(tmp_path / "split.json", checks + [old], tmp_path / "plan.json", cases_tsv=tmp_path / "cases.tsv")
     assert plan["cases"] == 3 and plan["largest_extent_mm"] == 900.0  # 1000 x 0.9 mm from the header
     assert read_plan(tmp_path / "plan.json") == {"spacing_mm": 0.8, "size": 1152}  # 900 / 0.8 = 1125 -> 1152
+
+
+def test_b_z_margin_is_the_same_in_mm_on_1_mm_and_5_mm_scans():
+    """Model B's z-range grows by ``z_margin_mm`` whatever the slice spacing: the reference liver spanning
+    z = 20..40 mm grows to 10..50 mm on a 1 mm and on a 5 mm scan (a margin in slices would give 2 mm on one
+    and 10 mm on the other); prediction converts the model's margin the same way, and a model.json from before
+    (``z_margin`` in slices) keeps its slices."""
+    from liverseg.cascade import z_margin_slices
+    from liverseg.data import CaseIndex
+    from liverseg.geometry import mm_to_slices
+
+    def case(z_mm):
+        z = np.arange(0, 60, z_mm)  # slice positions in mm
+        liver = (z >= 20) & (z <= 40)
+        return CaseIndex("x", len(z), liver, np.zeros_like(liver), np.zeros(6), 8, {}, z_mm), z
+
+    for z_mm in (1.0, 5.0):
+        c, z = case(z_mm)
+        z0, z1 = c.liver_zrange(10.0)
+        assert (z[z0], z[z1 - 1]) == (10.0, 50.0), z_mm
+        assert z_margin_slices({"z_margin_mm": 10.0}, z_mm) == z1 - 1 - np.flatnonzero(c.liver)[-1]
+    assert [mm_to_slices(10, s) for s in (1.0, 2.5, 3.0, 5.0, 7.2)] == [10, 4, 4, 2, 2]
+    assert mm_to_slices(0, 5.0) == 0
+    assert z_margin_slices({"z_margin": 3}, 1.0) == 3

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from liverseg.config import default
-from liverseg.geometry import bbox, grow, paste, region_of, tile_region, z_range
+from liverseg.geometry import bbox, grow, mm_to_slices, paste, region_of, tile_region, z_range
 from liverseg.inference import slice_probs, tile_probs
 from liverseg.postprocess import largest_component
 
@@ -52,6 +52,14 @@ def run_a(model, spec, image: np.ndarray, device, batch: int = default("predict.
         if on_batch is not None:
             on_batch(bz, p)
     return labels
+
+
+def z_margin_slices(spec_b: dict, z_mm: float | None) -> int:
+    """B's z-margin in slices of a case with slice spacing ``z_mm``: ``z_margin_mm`` of the model's spec (models
+    trained before the margin was in mm stored ``z_margin`` in slices)."""
+    if "z_margin_mm" in spec_b:
+        return mm_to_slices(float(spec_b["z_margin_mm"]), z_mm)
+    return int(spec_b.get("z_margin", 0))
 
 
 def liver_region(a_labels: np.ndarray, margin: int, z_margin: int, patch: int):
@@ -163,9 +171,10 @@ class ValCase:
     z_mm: float = 0.0  # slice spacing: B's neighbours are picked in mm (inference.case_stride)
 
 
-def prepare_val_case(path, models: dict, threshold: float, margin: int, z_margin: int, patch: int, gates,
+def prepare_val_case(path, models: dict, threshold: float, margin: int, z_margin_mm: float, patch: int, gates,
                      device, amp: bool = True, a_tta: bool = False, batch: int = default("predict.batch_size")) -> ValCase:
-    """Run A and the classifier once on a validation case (``models``: role -> (model, spec))."""
+    """Run A and the classifier once on a validation case (``models``: role -> (model, spec)); B's z-range
+    grows by ``z_margin_mm`` in this case's slices."""
     import h5py
 
     from liverseg.inference import case_stride, classify
@@ -177,7 +186,7 @@ def prepare_val_case(path, models: dict, threshold: float, margin: int, z_margin
     clf, spec_c = models["classifier"]
     a_labels = run_a(model_a, spec_a, image, device, batch=batch, amp=amp, tta=a_tta, stride=case_stride(spec_a, z_mm))
     scores = classify(clf, spec_c, image, device, amp=amp, stride=case_stride(spec_c, z_mm))
-    present, region, zrange = liver_region(a_labels, margin, z_margin, patch)
+    present, region, zrange = liver_region(a_labels, margin, mm_to_slices(z_margin_mm, z_mm), patch)
     base, b_slices = {}, None
     for g in gates:
         codes = gate_slices(scores, threshold, present, zrange, g)

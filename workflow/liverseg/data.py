@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from liverseg.geometry import context_indices, crop_padded, grow, tile_region, z_range
+from liverseg.geometry import context_indices, crop_padded, grow, mm_to_slices, tile_region, z_range
 
 
 @dataclass
@@ -32,9 +32,10 @@ class CaseIndex:
     z_mm: float = 0.0  # slice spacing (mm): with the model's context_mm it sets ``stride``
     stride: int = 1  # slices between neighbours fed together (geometry.z_stride); set once the model is known
 
-    def liver_zrange(self, z_margin: int) -> tuple[int, int] | None:
-        """Slices of the reference liver plus ``z_margin`` on each side (model B's z-range in training)."""
-        return z_range(self.liver, z_margin)
+    def liver_zrange(self, z_margin_mm: float) -> tuple[int, int] | None:
+        """Slices of the reference liver plus ``z_margin_mm`` mm on each side, in this case's slices (model B's
+        z-range in training)."""
+        return z_range(self.liver, mm_to_slices(z_margin_mm, self.z_mm))
 
 
 def index_cases(paths: list[str]) -> list[CaseIndex]:

@@ -89,6 +89,16 @@ def z_range(present: np.ndarray, margin: int) -> tuple[int, int] | None:
 
 
 # ---------------------------------------------------------------------------------------------- millimetres
+def mm_to_slices(mm: float, z_mm: float | None) -> int:
+    """Whole slices that cover ``mm`` along z at slice spacing ``z_mm`` (rounded up: a margin in mm is never
+    cut short): 10 mm is 2 slices of 5 mm and 10 of 1 mm; 0 mm is none.  Without a spacing, 1 slice per mm."""
+    if mm <= 0:
+        return 0
+    if not z_mm or z_mm <= 0:
+        return int(np.ceil(mm))
+    return int(np.ceil(float(mm) / float(z_mm) - 1e-6))
+
+
 def resampled_shape(shape_hw, spacing_hw, target: float) -> tuple[int, int]:
     """(rows, cols) of a slice of ``shape_hw`` pixels at ``spacing_hw`` mm once resampled to ``target`` mm."""
     return tuple(max(1, int(round(n * float(s) / float(target)))) for n, s in zip(shape_hw, spacing_hw))

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import torch
 
-from liverseg.cascade import USE_B, cascade_batches, gate_slices, liver_region, run_a
+from liverseg.cascade import USE_B, cascade_batches, gate_slices, liver_region, run_a, z_margin_slices
 from liverseg.config import default
 from liverseg.errors import CaseError, ConfigError
 from liverseg.inference import case_stride, classify, segment_sequences, sliding_window_3d, to_source_grid
@@ -259,7 +259,7 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
                 g = _choice(gate, spec_b, "gate", "route")
                 tta_b = bool(_choice(tta, spec_b, "tta", False))
                 scores = classify(clf, spec_c, image, dev, amp=amp, stride=case_stride(spec_c, z_mm))
-                present, region, zrange = liver_region(a_labels, int(spec_b["crop_margin"]), int(spec_b["z_margin"]),
+                present, region, zrange = liver_region(a_labels, int(spec_b["crop_margin"]), z_margin_slices(spec_b, z_mm),
                                                        int(spec_b["patch_size"]))
                 if region is None:
                     log.warning("case %s: model A found no liver; no slice goes to model B", case)

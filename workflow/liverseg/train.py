@@ -128,7 +128,7 @@ def make_spec(cfg: dict, role: str, grid: dict) -> dict:
         spec["patch_size"] = min(int(m["patch_size"]), size)
         spec["input_size"] = spec["patch_size"]
         spec["crop_margin"] = int(m["crop_margin"])
-        spec["z_margin"] = int(m["z_margin"])
+        spec["z_margin_mm"] = float(m["z_margin_mm"])
         spec["box_shift"] = int(m["box_shift"])
     if spec["encoder_weights"] == "imagenet" and kind != "unet3d":
         spec["input_norm"] = M.imagenet_statistics(spec["encoder"], spec["in_channels"])
@@ -207,7 +207,7 @@ def _items_and_groups(cases, role: str, spec: dict):
         return items, liver, other, tumour
     for k, c in enumerate(cases):
         if role == "model_b":
-            zr = c.liver_zrange(spec["z_margin"])
+            zr = c.liver_zrange(spec["z_margin_mm"])
             zs = range(zr[0], zr[1]) if zr else []
         else:
             zs = range(c.n_slices)
@@ -385,7 +385,7 @@ def _prepare_cascade_validation(cfg, spec, val_cases, models, device, amp) -> di
     gates = list(GATES) if gate_cfg == "auto" else [gate_cfg]
     spec_a, spec_c = models["model_a"][1], models["classifier"][1]
     a_tta = bool(spec_a.get("selection", {}).get("tta", False))
-    prepared = [prepare_val_case(c.path, models, spec_c["threshold"], spec["crop_margin"], spec["z_margin"],
+    prepared = [prepare_val_case(c.path, models, spec_c["threshold"], spec["crop_margin"], spec["z_margin_mm"],
                                  spec["patch_size"], gates, device, amp, a_tta=a_tta) for c in val_cases]
     return {"val_prepared": prepared, "gates": gates, "gate": "route" if gate_cfg == "auto" else gate_cfg}
 
