@@ -52,6 +52,42 @@ def test_liver_region_is_largest_component_plus_margins():
     assert not present0.any() and region0 is None and zr0 is None
 
 
+
+@pytest.mark.parametrize("seed", range(6))
+def test_liver_region_equals_the_largest_component_mask_definition(seed):
+    """liver_region works from cc3d's per-component statistics (no whole-volume mask): on random blobby labels with
+    several components, tumour voxels among them, it gives the slices and box of the largest 26-connected
+    component of label >= 1, computed here with an explicit mask."""
+    from scipy import ndimage
+
+    from liverseg.geometry import bbox, grow, region_of, tile_region, z_range
+    from liverseg.postprocess import largest_component
+
+    rng = np.random.default_rng(seed)
+    lab = (ndimage.gaussian_filter(rng.normal(size=(20, 48, 48)), 2.0) > 0.08).astype(np.uint8)
+    lab[lab.astype(bool) & (rng.random(lab.shape) < 0.1)] = 2
+    lab[:, :3] = 0  # leave the sides empty so the box does not start at 0
+    comp = largest_component(lab >= 1, connectivity=26)
+    want_present = comp.any(axis=(1, 2))
+    want_region = tile_region(grow(region_of(bbox(comp)), 3), 48, 16)
+    present, region, zr = liver_region(lab, margin=3, z_margin=2, patch=16)
+    assert present.tolist() == want_present.tolist()
+    assert region == want_region and zr == z_range(want_present, 2)
+
+
+def test_liver_region_holds_no_whole_volume_mask():
+    """Peak numpy memory of liver_region on a volume that is all liver (an untrained or failed model A) stays
+    below 5x the uint8 labels: cc3d's uint32 component labels (4x) and little else.  The mask-based version (a
+    bool mask, its uint8 crop, the labels, the component mask and its copy) took 8x, 4x the int16 volume."""
+    import tracemalloc
+
+    lab = np.ones((64, 128, 128), np.uint8)
+    tracemalloc.start()
+    liver_region(lab, margin=2, z_margin=1, patch=16)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5 * lab.nbytes, peak / lab.nbytes
+
 def test_tile_region_grows_to_one_patch_inside_the_slice():
     assert tile_region((10, 14, 0, 4), 32, 16) == (4, 20, 0, 16)
     assert tile_region((0, 32, 5, 30), 32, 16) == (0, 32, 5, 30)
