@@ -194,6 +194,24 @@ def test_scaled_int16_image_is_windowed_in_hu(tmp_path):
         assert float(f["image"][1, 2, 2]) == pytest.approx((50 + 150) / 400, abs=1e-3)
 
 
+
+@pytest.mark.parametrize("slope, inter", [(1.0, 0.0), (2.0, -1024.0), (-0.5, 30.0)])
+def test_stored_image_is_window_fixed_of_the_hu(tmp_path, slope, inter):
+    """Without resampling (native spacing on a grid the scan's size), every stored pixel is window_fixed of its
+    HU, raw * slope + inter, to float16 precision: values below, inside and above the window, any scaling."""
+    rng = np.random.default_rng(0)
+    raw = rng.integers(-1200, 1200, size=(16, 16, 4)).astype(np.int16)
+    img = nib.Nifti1Image(raw, np.diag([1.0, 1.0, 2.0, 1.0]))
+    img.header.set_slope_inter(slope, inter)
+    p = tmp_path / "w.nii.gz"
+    nib.save(img, str(p))
+    preprocess_case("w", p, tmp_path / "w.h5", size=16, spacing_mm=1.0, lower=-150, upper=250)
+    want = window_fixed(np.transpose(raw.astype(np.float64) * slope + inter, (2, 1, 0)), -150, 250)
+    with h5py.File(tmp_path / "w.h5") as f:
+        got = f["image"][:].astype(np.float32)
+        assert tuple(f.attrs["offset"]) == (0, 0)
+    assert np.abs(got - want).max() <= 2 ** -11  # half a float16 step at 1
+
 # ---------------------------------------------------------------------------------------------- non-square grids
 NX, NY, NZ = 40, 56, 12  # canonical R-L x A-P x I-S: a non-square in-plane matrix
 SPACING = (0.7, 0.9, 3.0)  # anisotropic voxels (mm)

@@ -84,7 +84,8 @@ def resize_slab(slab: np.ndarray, shape_hw, is_label: bool = False) -> np.ndarra
     if is_label:  # nearest-exact: output pixel centre -> the source pixel that holds it (float32 scale, as torch)
         rows = np.minimum(((np.arange(h2, dtype=np.float32) + 0.5) * np.float32(h / h2)).astype(np.int64), h - 1)
         cols = np.minimum(((np.arange(w2, dtype=np.float32) + 0.5) * np.float32(w / w2)).astype(np.int64), w - 1)
-        return keep_lesions(slab, np.ascontiguousarray(slab[:, rows[:, None], cols[None, :]], dtype=np.uint8))
+        # two single-axis takes: 4x faster than one (rows x cols) fancy index
+        return keep_lesions(slab, np.take(np.take(slab, rows, axis=1), cols, axis=2).astype(np.uint8, copy=False))
     out = np.empty((n, h2, w2), np.float32)
     for i in range(n):
         out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(slab[i], dtype=np.float32)).resize((w2, h2), Image.BILINEAR))
@@ -184,30 +185,43 @@ def preprocess_case(
             d_lab = h5.create_dataset("label", (nz, size, size), dtype=np.uint8, chunks=(1, size, size), compression="lzf")
         liver_present = np.zeros(nz, bool)
         tumour_present = np.zeros(nz, bool)
+        # window_fixed on raw * slope + inter, as one multiply-add: (hu - lower) / (upper - lower), clipped to [0, 1]
+        scale, shift = slope / (upper - lower), (inter - lower) / (upper - lower)
+        # One slab buffer each, zeroed once: every slab overwrites the same placed region (dst), so the rest stays 0
+        out_buf = np.zeros((min(SLAB, nz), size, size), np.float16)
+        lab_buf = np.zeros((min(SLAB, nz), size, size), np.uint8) if d_lab is not None else None
         rows_any = np.zeros(size, bool)  # in-plane projections of the liver over all slices: its 3D box
         cols_any = np.zeros(size, bool)
         for z0 in range(0, nz, SLAB):
             z1 = min(nz, z0 + SLAB)
-            slab = np.transpose(can[:, :, z0:z1], (2, 1, 0)).astype(np.float32)  # (n, H=y, W=x)
-            if (slope, inter) != (1.0, 0.0):
-                slab *= slope
-                slab += inter
+            out = out_buf[: z1 - z0]  # outside the placed slice stays 0 (at or below the window: air)
             if mode == "fixed":
-                win = window_fixed(slab, lower, upper)
+                # slice by slice, each step on one slice while it is in cache (a third faster than whole-slab
+                # passes at LiTS size); the same window as window_fixed, with the scaling folded in
+                for i in range(z1 - z0):
+                    s = can[:, :, z0 + i].T.astype(np.float32)  # (H=y, W=x)
+                    s *= scale
+                    s += shift
+                    np.clip(s, 0.0, 1.0, out=s)
+                    out[(i, *dst)] = resize_slab(s[None], rshape)[(0, *src)]
             else:
+                slab = np.transpose(can[:, :, z0:z1], (2, 1, 0)).astype(np.float32)  # (n, H=y, W=x)
+                if (slope, inter) != (1.0, 0.0):
+                    slab *= slope
+                    slab += inter
                 win = np.stack([window_study_v2(s) for s in slab])
-            out = np.zeros((z1 - z0, size, size), np.float16)  # 0 = at or below the window: air
-            out[(slice(None), *dst)] = resize_slab(win, rshape)[(slice(None), *src)]
+                out[(slice(None), *dst)] = resize_slab(win, rshape)[(slice(None), *src)]
             d_img[z0:z1] = out
             if d_lab is not None:
-                ls = np.zeros((z1 - z0, size, size), np.uint8)
+                ls = lab_buf[: z1 - z0]
                 ls[(slice(None), *dst)] = resize_slab(np.transpose(can_lab[:, :, z0:z1], (2, 1, 0)), rshape,
                                                       is_label=True)[(slice(None), *src)]
                 d_lab[z0:z1] = ls
-                liver_present[z0:z1] = (ls >= 1).any(axis=(1, 2))
+                fg = ls >= 1
+                liver_present[z0:z1] = fg.any(axis=(1, 2))
                 tumour_present[z0:z1] = (ls == 2).any(axis=(1, 2))
-                rows_any |= (ls >= 1).any(axis=(0, 2))
-                cols_any |= (ls >= 1).any(axis=(0, 1))
+                rows_any |= fg.any(axis=(0, 2))
+                cols_any |= fg.any(axis=(0, 1))
         h5.create_dataset("liver_present", data=liver_present)
         h5.create_dataset("tumour_present", data=tumour_present)
         box = [bbox(m) for m in (liver_present, rows_any, cols_any)]
