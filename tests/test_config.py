@@ -43,3 +43,8 @@ def test_snakemake_stops_on_a_bad_value_naming_the_key(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0
     assert "context" in (r.stdout + r.stderr) and "9" in (r.stdout + r.stderr)
+
+
+def test_a_renamed_key_says_what_it_became():
+    with pytest.raises(ConfigError, match=r"'train.model_b.z_margin': renamed to z_margin_mm"):
+        config.validate({"train": {"model_b": {"z_margin": 2}}})

@@ -296,10 +296,51 @@ def test_stored_slices_index_like_the_whole_array(tmp_path):
     with h5py.File(tmp_path / "x.h5", "r") as f:
         s = P.StoredSlices(f["image"], keep=3)
         assert s.shape == a.shape and len(s) == 12
-        for idx in (4, -1, np.int64(7), [3, 2, 2, 11, 0], np.array([[1, 1, 2], [5, 4, 3]]), [], slice(1, None, 3)):
+        for idx in (4, -1, -12, np.int64(7), [3, 2, 2, 11, 0], np.array([[1, 1, 2], [5, 4, 3]]), [], slice(1, None, 3)):
             got, want = s[idx], a[idx]
             assert got.shape == want.shape and np.array_equal(got, want), idx
         assert len(s._cache) <= 3
+        for bad in (12, -13, [0, 12], np.ones(12, bool)):  # out of range, or a mask: refused as numpy would
+            with pytest.raises(IndexError):
+                s[bad]
+        with pytest.raises(ValueError):  # a cached slice is shared by later reads: read-only
+            s[4][0, 0] = 1
+
+
+def test_v1_reads_only_the_slices_of_its_current_row_of_patches(tmp_path):
+    """V1's sliding window asks the stored image for one row of patches at a time (d slices), never the whole
+    volume, and its probabilities equal those from the image held whole."""
+    import h5py
+
+    from liverseg.inference import sliding_window_3d
+
+    class Stub(torch.nn.Module):  # class probabilities from the intensity: a known, position-dependent output
+        def forward(self, x):
+            return torch.cat([-x, x, 0.5 * x], dim=1)
+
+    a = np.random.default_rng(1).random((21, 8, 8)).astype(np.float16)
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f.create_dataset("image", data=a, chunks=(1, 8, 8))
+    reads = []
+    with h5py.File(tmp_path / "v.h5", "r") as f:
+        class Counting:
+            shape, dtype = f["image"].shape, f["image"].dtype
+
+            def __getitem__(self, idx):
+                out = f["image"][idx]
+                reads.append(1 if np.ndim(out) == 2 else out.shape[0])
+                return out
+
+        spec = {"patch": [4, 8]}
+        for stride in (1, 2):
+            lazy = list(sliding_window_3d(Stub(), spec, P.StoredSlices(Counting(), keep=4), torch.device("cpu"),
+                                          amp=False, stride=stride))
+            whole = list(sliding_window_3d(Stub(), spec, a, torch.device("cpu"), amp=False, stride=stride))
+            assert [zs for zs, _ in lazy] == [zs for zs, _ in whole]
+            assert sorted(z for zs, _ in lazy for z in zs) == list(range(21))
+            for (_, pl), (_, pw) in zip(lazy, whole):
+                assert torch.equal(pl, pw)
+    assert reads and max(reads) == 1, reads
 
 
 @pytest.mark.parametrize("mode", ["model_a", "cascade"])

@@ -210,7 +210,7 @@ def test_stored_image_is_window_fixed_of_the_hu(tmp_path, slope, inter):
     with h5py.File(tmp_path / "w.h5") as f:
         got = f["image"][:].astype(np.float32)
         assert tuple(f.attrs["offset"]) == (0, 0)
-    assert np.abs(got - want).max() <= 2 ** -11  # half a float16 step at 1
+    assert np.abs(got - want).max() <= 2 ** -11  # one float16 step just below 1
 
 # ---------------------------------------------------------------------------------------------- non-square grids
 NX, NY, NZ = 40, 56, 12  # canonical R-L x A-P x I-S: a non-square in-plane matrix

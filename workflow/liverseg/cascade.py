@@ -15,7 +15,8 @@ negative, no A component   A                               background
 
 positive = classifier score >= the threshold chosen on validation (highest with slice sensitivity >= 0.99).
 A's liver region = the in-plane box of model A's largest 3D liver component, grown by B's ``crop_margin`` and
-then to at least one B patch; B's z-range = the slices of that component plus ``z_margin`` on each side.
+then to at least one B patch; B's z-range = the slices of that component plus ``z_margin_mm`` (in whole
+slices of the case) on each side.
 When A finds no liver there is no region and no z-range: no slice goes to B, so the table's rows without B
 apply (route: A everywhere; suppress: A on positive slices, background elsewhere), and the log says so.
 """

@@ -44,8 +44,20 @@ def sample_row_errors(row: dict) -> list[str]:
     return [e.message for e in validator.iter_errors(row)]
 
 
+# Keys renamed since earlier versions -> what to write instead.
+RENAMED = {"train.model_b.z_margin": "z_margin_mm, a margin in mm (rounded up to whole slices of each case): "
+                                     "2 slices of 5 mm are z_margin_mm: 10"}
+
+
 def validate(cfg: dict) -> dict:
     """Validate in place and fill defaults; raise ConfigError naming the offending key."""
+    for old, new in RENAMED.items():  # keys of earlier versions: say what they became, not just "not allowed"
+        *path, last = old.split(".")
+        node = cfg
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            raise ConfigError(f"invalid config value at '{old}': renamed to {new}")
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:

@@ -209,8 +209,7 @@ def sliding_window_3d(model, spec: dict, image: np.ndarray, device: torch.device
     d, p = spec["patch"]
     n, h, w = image.shape
     for r in range(min(stride, n)):
-        sub = image[r::stride]
-        m = sub.shape[0]
+        m = len(range(r, n, stride))  # slices of this residue class, sub-volume index j = slice r + stride * j
         rows = patch_grid(m, d)
         acc = cnt = None
         lo = 0  # sub's first slice not yet yielded: acc[:, j] holds slice lo + j
@@ -222,9 +221,11 @@ def sliding_window_3d(model, spec: dict, image: np.ndarray, device: torch.device
                 cnt[: d - k] = cnt[k:].copy()
                 cnt[d - k :] = 0
                 lo = z0
+            # only this row's slices are read (prediction's image is read slice by slice: predict.StoredSlices)
+            row = image[[r + stride * z for z in range(z0, min(z0 + d, m))]]
             for r0 in patch_grid(h, p):
                 for c0 in patch_grid(w, p):
-                    src = sub[z0 : z0 + d, r0 : r0 + p, c0 : c0 + p].astype(np.float32)
+                    src = row[:, r0 : r0 + p, c0 : c0 + p].astype(np.float32)
                     x = np.zeros((d, p, p), np.float32)
                     x[: src.shape[0], : src.shape[1], : src.shape[2]] = src
                     with autocast(device, amp):

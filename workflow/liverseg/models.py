@@ -249,7 +249,7 @@ class Ensemble(nn.Module):
 
 # What members of an ensemble must share: they read the same inputs and give the same outputs.
 ENSEMBLE_KEYS = ("kind", "classes", "context", "context_mm", "spacing_mm", "input_size", "slice_size", "window",
-                 "patch_size", "seq_len", "patch", "crop_margin", "z_margin_mm", "augment")
+                 "patch_size", "seq_len", "patch", "crop_margin", "z_margin", "z_margin_mm", "augment")
 
 
 def load_ensemble(paths: list, device="cpu") -> tuple[nn.Module, dict]:

@@ -47,10 +47,11 @@ def read_case(h5_path, case: str, label: bool = True):
 class StoredSlices:
     """The stored image (Z, S, S) of an open HDF5 file, read slice by slice as the networks ask for it, so
     prediction never holds the whole float16 image (about the int16 scan's size; with it V2 at batch 16 peaked
-    at 4.3x the int16 volume at 512 x 512 x 900, issue 13).  Indexing as a numpy array: an int gives one slice, a
-    list of ints a stack (the 2.5D context, in any order, repeats allowed), a slice object reads through h5py.
-    The last ``keep`` slices read are kept, since neighbouring batches share their context slices and the
-    cascade reads B's slices again after A's pass over them."""
+    at 4.3x the int16 volume at 512 x 512 x 900, issue 13).  What prediction indexes with: an int (negative
+    counts from the end) gives one slice, a list or integer array of slice indices a stack of that shape (the
+    2.5D context: any order, repeats allowed); anything else (a slice object) is read through h5py.  Slices
+    come back read-only.  The last ``keep`` slices read are kept, since neighbouring batches share their 2.5D
+    context slices (each pass over the volume still reads every slice once: A's, the classifier's, B's)."""
 
     ndim = 3
 
@@ -65,13 +66,16 @@ class StoredSlices:
         return self.shape[0]
 
     def _slice(self, z: int) -> np.ndarray:
-        if z < 0:
-            z += self.shape[0]
+        n = self.shape[0]
+        if not -n <= z < n:
+            raise IndexError(f"slice {z} out of range for {n} slices")
+        z %= n
         hit = self._cache.get(z)
         if hit is not None:
             self._cache.move_to_end(z)
             return hit
         a = self._ds[z]
+        a.setflags(write=False)  # shared by every later read of this slice while cached
         self._cache[z] = a
         if len(self._cache) > self._keep:
             self._cache.popitem(last=False)
@@ -83,6 +87,10 @@ class StoredSlices:
         if isinstance(idx, (slice, tuple)):
             return self._ds[idx]
         zs = np.asarray(idx)
+        if zs.dtype.kind not in "iu":
+            if zs.size:  # a boolean mask or floats: not an index prediction uses
+                raise IndexError(f"StoredSlices takes integer slice indices, not {zs.dtype}")
+            zs = zs.astype(np.int64)
         if zs.size == 0:
             return np.zeros((0, *self.shape[1:]), self.dtype)
         return np.stack([self._slice(int(z)) for z in zs.ravel()]).reshape(zs.shape + self.shape[1:])
@@ -91,10 +99,13 @@ class StoredSlices:
 @contextlib.contextmanager
 def open_case(h5_path, case: str):
     """(StoredSlices of the image, geometry, attributes) of a preprocessed case, its file open while in use."""
+    f = None
     try:
         f = h5py.File(h5_path, "r")
         image, attrs = StoredSlices(f["image"]), dict(f.attrs)
     except (OSError, KeyError) as exc:
+        if f is not None:
+            f.close()
         raise CaseError(case, f"cannot read preprocessed file {h5_path}: {exc}") from None
     try:
         geom = Geometry(tuple(int(v) for v in attrs["original_shape"]), np.asarray(attrs["affine"]),
