@@ -1,13 +1,14 @@
 """Model B's training length against V4's liver and tumour Dice, everything else held fixed.
 
 Takes one trained seed of bench/cascade_vs_v2.py (``--base``: its seed folder, whose results/ hold the preprocessed
-cases, split, classifier, A and B), trains only model B again with each variant's settings on the same training
-and validation cases with the same classifier and A, and scores V4 on the same unseen phantom cases (dataset
-seed 7, as cascade_vs_v2.py), paired against the base's own B: mean difference per case with a bootstrap 95%
-interval.  This is how config.yaml's `train.model_b.samples_per_epoch` was chosen (BENCHMARKS.md, issue 12).
+cases, split, classifier, A and B), trains model B again for each variant (every variant, the first one included,
+through the same code path here), on the same training and validation cases with the same classifier and A, and
+scores V4 on the same unseen phantom cases (dataset seed 7, as cascade_vs_v2.py).  Each later variant is paired
+against the first (the control): mean difference per case with a bootstrap 95% interval over cases.  One
+training run per variant: the interval covers the test cases, not the spread between training runs.
 
     python bench/b_training_length.py --base /tmp/cascade_bench/seed0 --cases 20 \
-        --variants '{"b_x2": {"samples_per_epoch": 1024}, "b_x3": {"samples_per_epoch": 1536}}'
+        --variants '{"b_512": {"samples_per_epoch": 512}, "b_1536": {"samples_per_epoch": 1536}}'
 """
 
 import argparse
@@ -39,8 +40,7 @@ def main():
     split = json.loads((res / "split" / "split.json").read_text())
     h5 = lambda c: str(res / "preprocess" / f"{c}.h5")  # noqa: E731
     cases = cv.make_test_cases(base.parent / "test_cases", a.cases, cfg, res / "train")
-    ref = cv.run_variant(res / "train", cases, base / "b_length" / "base", "cascade")
-    print(f"base ({cfg['train']['model_b']['samples_per_epoch']} samples/epoch): {cv.fmt(cv.summary(ref))}", flush=True)
+    ref = None
     for name, over in json.loads(a.variants).items():
         t = time.time()
         c = json.loads(json.dumps(cfg))
@@ -60,9 +60,12 @@ def main():
               base / "b_length" / name / "ck", needs=needs, threads=2, device="cpu", workers=0)
         rows = cv.run_variant(out, cases, base / "b_length" / name / "pred", "cascade")
         print(f"{name} {over}: {cv.fmt(cv.summary(rows))} ({time.time() - t:.0f} s)", flush=True)
+        if ref is None:
+            ref, control = rows, name
+            continue
         for cls in ("liver", "tumour"):
             m, lo, hi = cv.paired(rows, ref, cls)
-            print(f"  {name} - base, {cls} Dice per {'tumour ' if cls == 'tumour' else ''}case: {m:+.4f} "
+            print(f"  {name} - {control}, {cls} Dice per {'tumour ' if cls == 'tumour' else ''}case: {m:+.4f} "
                   f"[95% CI {lo:+.4f}, {hi:+.4f}]", flush=True)
 
 
