@@ -269,7 +269,9 @@ def predict_case(case: str, h5_path, models: dict, out_path, scores_path=None, m
                 model_b, spec_b = loaded["model_b"]
                 g = _choice(gate, spec_b, "gate", "route")
                 tta_b = bool(_choice(tta, spec_b, "tta", False))
-                scores = classify(clf, spec_c, image, dev, amp=amp, stride=case_stride(spec_c, z_mm))
+                # in batches of predict.batch_size like A and B: the classifier's own default of 64 slices was
+                # the cascade's largest batch of activations at 512 px (issue 13)
+                scores = classify(clf, spec_c, image, dev, batch=batch, amp=amp, stride=case_stride(spec_c, z_mm))
                 present, region, zrange = liver_region(a_labels, int(spec_b["crop_margin"]), z_margin_slices(spec_b, z_mm),
                                                        int(spec_b["patch_size"]))
                 if region is None:
