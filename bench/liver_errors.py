@@ -1,0 +1,52 @@
+"""Where the liver errors of a set of predictions lie: missed and extra liver voxels (label >= 1) against the
+reference, the share of each within one in-plane pixel of the reference liver's boundary, and the share in the
+liver's two top and two bottom slices (and beyond them).  Reads predictions ``<pred>/<case>.nii.gz`` and
+references ``<cases>/segmentation-<case>.nii.gz`` (bench/cascade_vs_v2.py's layout).
+
+    python bench/liver_errors.py --pred /tmp/cascade_bench/seed0/pred/V4/auto_auto --cases /tmp/cascade_bench/test_cases
+"""
+
+import argparse
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pred", required=True)
+    ap.add_argument("--cases", required=True)
+    a = ap.parse_args()
+    tot = dict(ref=0, missed=0, extra=0, missed_edge=0, extra_edge=0, missed_ends=0, extra_ends=0)
+    dices = []
+    for p in sorted(Path(a.pred).glob("*.nii.gz")):
+        if p.name.endswith("_raw.nii.gz"):
+            continue
+        case = p.name[: -len(".nii.gz")]
+        ref = np.asanyarray(nib.load(Path(a.cases) / f"segmentation-{case}.nii.gz").dataobj) >= 1
+        pred = np.asanyarray(nib.load(p).dataobj) >= 1
+        missed, extra = ref & ~pred, pred & ~ref
+        zs = np.flatnonzero(ref.any(axis=(0, 1)))
+        ends = np.zeros(ref.shape[2], bool)
+        if zs.size:
+            ends[: zs[0] + 2] = True
+            ends[max(zs[-1] - 1, 0):] = True
+        edge = ref ^ ndi.binary_erosion(ref, structure=np.ones((3, 3, 1)))
+        near = ndi.binary_dilation(edge, structure=np.ones((3, 3, 1)))  # within one in-plane pixel of the boundary
+        tot["ref"] += int(ref.sum())
+        for k, m in (("missed", missed), ("extra", extra)):
+            tot[k] += int(m.sum())
+            tot[f"{k}_edge"] += int((m & near).sum())
+            tot[f"{k}_ends"] += int(m[:, :, ends].sum())
+        dices.append(2 * (ref & pred).sum() / max(ref.sum() + pred.sum(), 1))
+    print(f"{len(dices)} cases, liver Dice per case {np.mean(dices):.4f}; reference liver voxels {tot['ref']}")
+    for k in ("missed", "extra"):
+        n = max(tot[k], 1)
+        print(f"{k}: {tot[k]} voxels ({tot[k] / tot['ref']:.3f} of the reference), {tot[f'{k}_edge'] / n:.2f} within one "
+              f"pixel of the boundary, {tot[f'{k}_ends'] / n:.2f} in the two top and bottom liver slices or beyond")
+
+
+if __name__ == "__main__":
+    main()
