@@ -81,7 +81,13 @@ def test_two_processes_match_one_on_the_same_global_batches(tiny_dataset, tmp_pa
     assert len(l1) == len(l2) == 2 and l1 == pytest.approx(l2, abs=1e-5)
     w1, w2 = torch.load(one / "model.pt", weights_only=True), torch.load(two / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in w2)
-    assert _max_diff(w1, w2) < 1e-5
+    # Trainable weights within 1e-5; BatchNorm's running statistics (buffers of order 1, the variance pooled from
+    # sums of squares across processes) within 1e-5 relative: float32 rounding of a variance of 2 is about 1e-6.
+    params = {k for k, _ in M.build(json.loads((one / "model.json").read_text())).named_parameters()}
+    assert _max_diff({k: w1[k] for k in params}, {k: w2[k] for k in params}) < 1e-5
+    for k in w1.keys() - params:
+        if w1[k].is_floating_point():
+            assert float((w1[k].double() - w2[k].double()).abs().max()) <= 1e-5 * max(1.0, float(w1[k].abs().max())), k
     # The weights did move: against the initial weights (the seeded build training starts from, recognisable
     # because parameters no step uses, those of encoder stages cut by encoder_depth, are still equal to them),
     # the trained parameters moved by about lr per step.
