@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
-from isal import isal_zlib  # .nii.gz files are read through ISA-L (load_nifti)
+from isal import igzip, isal_zlib  # .nii.gz files are read through ISA-L (load_nifti)
 
 from liverseg.errors import CaseError
 
@@ -101,8 +101,6 @@ def load_nifti(path: str | os.PathLike, case: str, what: str = "image") -> nib.N
             # The same image read through ISA-L's gzip (isal): half the CPU time of the standard library's zlib,
             # which nibabel uses, for the same bytes (BENCHMARKS.md, issue 12); the file stays open for the
             # image's lifetime, as keep_file_open does.
-            from isal import igzip
-
             img = type(img).from_stream(igzip.open(p, "rb"))
     except _READ_ERRORS as exc:
         raise CaseError(case, f"cannot read {what} {p}: {type(exc).__name__}: {_short(exc)}") from None

@@ -40,8 +40,12 @@ def read_case(h5_path, case: str, label: bool = True):
             label = f["label"][:] if label and "label" in f else None
     except (OSError, KeyError) as exc:
         raise CaseError(case, f"cannot read preprocessed file {h5_path}: {exc}") from None
-    geom = Geometry(tuple(int(v) for v in attrs["original_shape"]), np.asarray(attrs["affine"]), np.asarray(attrs["ornt"]))
-    return image, geom, attrs, label
+    return image, case_geometry(attrs), attrs, label
+
+
+def case_geometry(attrs: dict) -> Geometry:
+    """The scan's own grid (shape, affine, orientation) recorded in a preprocessed case's attributes."""
+    return Geometry(tuple(int(v) for v in attrs["original_shape"]), np.asarray(attrs["affine"]), np.asarray(attrs["ornt"]))
 
 
 class StoredSlices:
@@ -108,9 +112,7 @@ def open_case(h5_path, case: str):
             f.close()
         raise CaseError(case, f"cannot read preprocessed file {h5_path}: {exc}") from None
     try:
-        geom = Geometry(tuple(int(v) for v in attrs["original_shape"]), np.asarray(attrs["affine"]),
-                        np.asarray(attrs["ornt"]))
-        yield image, geom, attrs
+        yield image, case_geometry(attrs), attrs
     finally:
         f.close()
 
