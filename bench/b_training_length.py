@@ -32,7 +32,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True, help="a seed folder of bench/cascade_vs_v2.py (holds results/)")
     ap.add_argument("--cases", type=int, default=20)
-    ap.add_argument("--variants", required=True, help='JSON: {"name": {model_b setting: value}}')
+    ap.add_argument("--variants", required=True,
+                    help='JSON: {"name": {model_b setting or "train.<key>": value}}')
     a = ap.parse_args()
     base = Path(a.base)
     res = base / "results"
@@ -44,7 +45,8 @@ def main():
     for name, over in json.loads(a.variants).items():
         t = time.time()
         c = json.loads(json.dumps(cfg))
-        c["train"]["model_b"].update(over)
+        for k, v in over.items():  # "train.<key>" sets a key shared by every role (e.g. the loss weights)
+            (c["train"] if k.startswith("train.") else c["train"]["model_b"])[k.removeprefix("train.")] = v
         c = cfgmod.validate(c)
         out = base / "b_length" / name / "train"
         for r in ("classifier", "model_a"):  # the base's own classifier and A

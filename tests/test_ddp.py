@@ -174,8 +174,8 @@ def _snakemake(wd, *args):
     return r.stdout
 
 
-def _train_job(wd, name, train):
-    (wd / name).write_text(yaml.safe_dump({"train": train}))
+def _train_job(wd, name, train, **more):
+    (wd / name).write_text(yaml.safe_dump({"train": train, **more}))
     # --resources: the default profile's local cap (gpu: 1) would show as the job's request
     out = _snakemake(wd, "results/train/model_a/model.pt", "-n", "-p", "--resources", "gpu=4",
                      "--configfile", str(wd / "config.yaml"), str(wd / name))
@@ -187,7 +187,7 @@ def _train_job(wd, name, train):
 @pytest.mark.slow  # a workflow run up to the split, then two dry runs: about a minute
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_the_train_rule_runs_torchrun_only_for_several_gpus(split_run, gpus):
-    block, cmd = _train_job(split_run, f"g{gpus}.yaml", {"gpus": gpus, "device": "cuda"})
+    block, cmd = _train_job(split_run, f"g{gpus}.yaml", {"gpus": gpus, "device": "cuda", "threads": 2, "workers": 1})
     # A local run wraps GPU jobs in liverseg.gpuslot, which takes `gpus` GPUs (none here: this machine shows 0).
     slot = re.match(r"python -m liverseg\.gpuslot --slots (\d+) --take (\d+) -- ", cmd)
     assert slot and int(slot.group(2)) == gpus, cmd
@@ -197,7 +197,16 @@ def test_the_train_rule_runs_torchrun_only_for_several_gpus(split_run, gpus):
     else:
         assert cmd.startswith("torchrun --standalone --nproc_per_node 2 -m liverseg train --role model_a")
         assert re.search(r"\bnodes=1\b", block), block
-    assert re.search(rf"\bgpu={gpus}\b", block) and re.search(r"\bcpus_per_gpu=\d+", block), block
+    # each GPU process gets its threads plus its data-loader workers as CPUs: 2 + 1
+    assert re.search(rf"\bgpu={gpus}\b", block) and re.search(r"\bcpus_per_gpu=3\b", block), block
+
+
+@pytest.mark.slow  # a dry run of the split_run folder
+def test_gpu_model_reaches_the_gpu_jobs_only(split_run):
+    block, _ = _train_job(split_run, "gm.yaml", {"device": "cuda"}, cluster={"gpu_model": "a100"})
+    assert re.search(r"\bgpu_model=a100\b", block) and re.search(r"\bgpu=1\b", block), block
+    block, _ = _train_job(split_run, "gm_cpu.yaml", {"device": "cpu"}, cluster={"gpu_model": "a100"})
+    assert "gpu_model" not in block, block
 
 
 GRADS = """

@@ -246,6 +246,8 @@ def gpu_resources(section):
         res["slurm_partition"] = lambda wc: partition("gpu" if uses_gpu(section) else "cpu")
     if config["cluster"]["account"]:
         res["slurm_account"] = config["cluster"]["account"]
+    if config["cluster"]["gpu_model"] and uses_gpu(section):
+        res["gpu_model"] = config["cluster"]["gpu_model"]  # the pinned plugin then asks --gpus=<model>:<gpu>
     return res
 
 
