@@ -4,6 +4,7 @@
 skips when no SLURM controller answers; under CI=true an unreachable SLURM is a failure.
 """
 
+import json
 import os
 import re
 import shutil
@@ -49,7 +50,7 @@ def run_on_slurm(workdir, *targets):
            "--directory", str(workdir), "--profile", str(ROOT / "profiles" / "slurm"), "--slurm-no-account",
            "--jobs", "4", "--slurm-init-seconds-before-status-checks", "5", "--latency-wait", "5",
            "--retries", "0", "--set-resources",
-           *[f"{r}:mem_mb=1500" for r in ("train", "predict",
+           *[f"{r}:mem_mb=1500" for r in ("predict",
                                           "preprocess", "postprocess", "evaluate_case", "overlay", "make_phantom")]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -73,9 +74,10 @@ def sacct(ids, fields=("Partition", "State")):
 
 def test_demo_dag_through_sbatch(slurm, tmp_path):
     # device auto: training and prediction ask SLURM for a GPU (the CI node's GPUs are fake; the jobs fall back to CPU)
-    # threads 2: a training job must get its threads (plus loader workers) as CPUs, not the profile's default
+    # threads 1 + workers 1: a training job must get its threads plus its loader workers as CPUs (2), not the
+    # profile's default nor its threads alone (1 either way)
     cfg = {**TINY, "experiments": ["v2_unetpp_cca", "v4_cascade"],
-           "train": {**TINY["train"], "device": "auto", "threads": 2, "workers": 0},
+           "train": {**TINY["train"], "device": "auto", "threads": 1, "workers": 1},
            "cluster": {"cpu_partition": "cpu", "gpu_partition": "gpu", "account": ""}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     r = run_on_slurm(tmp_path)
@@ -97,10 +99,17 @@ def test_demo_dag_through_sbatch(slurm, tmp_path):
         assert states[jid][0] == expected, (rule, states[jid])
     alloc = sacct([j for j, rule in jobs.items() if rule == "train"], ("AllocCPUS", "ReqMem"))
     assert alloc and all(int(cpus) == 2 for cpus, _ in alloc.values()), alloc
-    assert {mem for _, mem in alloc.values()} == {"1500M"}, alloc  # the rule's mem_mb (set by run_on_slurm)
-    # check_case keeps its own mem_mb and runtime: computed from the case's header (liverseg.resources)
+    # train keeps its own mem_mb: its role's base plus its largest training or validation case (train_sized)
     from liverseg import resources as jobres
     from liverseg.config import validate
+    from liverseg.roles import ROLES
+
+    split = json.loads((tmp_path / "results" / "split" / "split.json").read_text())
+    largest = max(jobres.h5_mb(tmp_path / "results" / "preprocess" / f"{c}.h5") for c in split["train"] + split["val"])
+    tspec = validate(json.loads(json.dumps(cfg)))["resources"]["train"]
+    want = {f"{jobres.mem_mb(tspec, largest, base=ROLES[r]['mem_mb'])}M" for r in ("classifier", "model_a", "model_b")}
+    assert {mem for _, mem in alloc.values()} == want, (alloc, want)
+    # check_case keeps its own mem_mb and runtime: computed from the case's header (liverseg.resources)
 
     ph = tmp_path / "results" / "ingest" / "phantom"
     mb = jobres.volume_mb([ph / "volume-0.nii.gz", ph / "segmentation-0.nii.gz"])
