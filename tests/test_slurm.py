@@ -78,7 +78,7 @@ def test_demo_dag_through_sbatch(slurm, tmp_path):
     # profile's default nor its threads alone (1 either way)
     cfg = {**TINY, "experiments": ["v2_unetpp_cca", "v4_cascade"],
            "train": {**TINY["train"], "device": "auto", "threads": 1, "workers": 1},
-           "cluster": {"cpu_partition": "cpu", "gpu_partition": "gpu", "account": ""}}
+           "cluster": {"cpu_partition": "cpu", "gpu_partition": "gpu", "account": "", "gpu_model": "fake"}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     r = run_on_slurm(tmp_path)
     text = r.stdout + r.stderr
@@ -109,6 +109,10 @@ def test_demo_dag_through_sbatch(slurm, tmp_path):
     tspec = validate(json.loads(json.dumps(cfg)))["resources"]["train"]
     want = {f"{jobres.mem_mb(tspec, largest, base=ROLES[r]['mem_mb'])}M" for r in ("classifier", "model_a", "model_b")}
     assert {mem for _, mem in alloc.values()} == want, (alloc, want)
+    assert {int(mem.rstrip("M")) // 1000 for _, mem in alloc.values()} == {8, 12}, alloc  # roles.py: 8000 / 12000 MB
+    # GPU jobs (device auto on a cluster executor) ask for the configured GPU type: --gpus=fake:1
+    tres = sacct([j for j, rule in jobs.items() if rule in ("train", "predict")], ("ReqTRES",))
+    assert tres and all("gres/gpu:fake=1" in t for (t,) in tres.values()), tres
     # check_case keeps its own mem_mb and runtime: computed from the case's header (liverseg.resources)
 
     ph = tmp_path / "results" / "ingest" / "phantom"

@@ -77,10 +77,10 @@ MinJobAge=300
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=6819
-AccountingStorageTRES=gres/gpu
+AccountingStorageTRES=gres/gpu,gres/gpu:fake
 JobCompType=jobcomp/none
 GresTypes=gpu
-NodeName=${H} NodeAddr=127.0.0.1 ${HW} RealMemory=${MEM} Gres=gpu:2 State=UNKNOWN
+NodeName=${H} NodeAddr=127.0.0.1 ${HW} RealMemory=${MEM} Gres=gpu:fake:2 State=UNKNOWN
 PartitionName=cpu Nodes=${H} Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=${H} Default=NO MaxTime=INFINITE State=UP
 EOC
@@ -89,7 +89,7 @@ if [ "$(cat /etc/slurm/slurm.conf 2>/dev/null)" != "$CONF" ]; then
   if alive slurmctld || alive slurmd; then die "slurm.conf would change while slurmctld/slurmd run: run down.sh first"; fi
   printf '%s\n' "$CONF" >/etc/slurm/slurm.conf
 fi
-printf 'NodeName=%s Name=gpu File=/dev/null\nNodeName=%s Name=gpu File=/dev/zero\n' "$H" "$H" >/etc/slurm/gres.conf
+printf 'NodeName=%s Name=gpu Type=fake File=/dev/null\nNodeName=%s Name=gpu Type=fake File=/dev/zero\n' "$H" "$H" >/etc/slurm/gres.conf
 
 if [ ! -s /etc/munge/munge.key ]; then
   mkdir -p /etc/munge

@@ -246,8 +246,10 @@ def gpu_resources(section):
         res["slurm_partition"] = lambda wc: partition("gpu" if uses_gpu(section) else "cpu")
     if config["cluster"]["account"]:
         res["slurm_account"] = config["cluster"]["account"]
-    if config["cluster"]["gpu_model"] and uses_gpu(section):
-        res["gpu_model"] = config["cluster"]["gpu_model"]  # the pinned plugin then asks --gpus=<model>:<gpu>
+    if config["cluster"]["gpu_model"]:
+        # per job, like "gpu": whether a job uses a GPU (device auto) is known only once the executor is; the
+        # pinned plugin then asks --gpus=<model>:<gpu>, and ignores an empty model
+        res["gpu_model"] = lambda wc: config["cluster"]["gpu_model"] if uses_gpu(section) else ""
     return res
 
 
