@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "workflow"))
 from liverseg import models as M  # noqa: E402
 from liverseg.cascade import prepare_val_case  # noqa: E402
 from liverseg.inference import case_stride, tile_probs  # noqa: E402
+from liverseg.predict import open_case  # noqa: E402
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -51,17 +52,19 @@ def main():
         if not vc.b_slices:
             continue
         with h5py.File(path) as f:
-            image, label = f["image"][:], f["label"][:]
+            label = dict(zip(vc.b_slices, f["label"][vc.b_slices]))  # B's slices only
         r0, r1, c0, c1 = vc.region
-        for zs, p in tile_probs(model_b, spec_b, image, vc.b_slices, vc.region, dev, amp=False,
-                                stride=case_stride(spec_b, vc.z_mm)):
-            ref = label[zs] >= 1
-            liver = np.zeros(ref.shape, np.float32)  # background outside B's region, as the cascade pastes it
-            liver[:, r0:r1, c0:c1] = (p[:, 1] + p[:, 2]).numpy()
-            soft += float(liver.sum())
-            for t in THRESHOLDS:
-                q = liver > t
-                counts[t] += (np.count_nonzero(q & ref), np.count_nonzero(q), np.count_nonzero(ref))
+        # the image slice by slice, as prediction reads it (predict.open_case), not a second whole-volume read
+        with open_case(path, str(case)) as (image, _, _):
+            for zs, p in tile_probs(model_b, spec_b, image, vc.b_slices, vc.region, dev, amp=False,
+                                    stride=case_stride(spec_b, vc.z_mm)):
+                ref = np.stack([label[z] for z in zs]) >= 1
+                liver = np.zeros(ref.shape, np.float32)  # background outside B's region, as the cascade pastes it
+                liver[:, r0:r1, c0:c1] = (p[:, 1] + p[:, 2]).numpy()
+                soft += float(liver.sum())
+                for t in THRESHOLDS:
+                    q = liver > t
+                    counts[t] += (np.count_nonzero(q & ref), np.count_nonzero(q), np.count_nonzero(ref))
     print(f"{len(a.cases)} cases, model B of {d}")
     print("| threshold on P(liver or tumour) | liver Dice on B's slices | predicted / reference volume |")
     print("|---|---|---|")
