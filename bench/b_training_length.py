@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--base", required=True, help="a seed folder of bench/cascade_vs_v2.py (holds results/)")
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--variants", required=True,
-                    help='JSON: {"name": {model_b setting or "train.<key>": value}}')
+                    help='JSON: {"name": {model_b setting, "train.<key>" or "slices.<key>": value}}')
     a = ap.parse_args()
     base = Path(a.base)
     res = base / "results"
@@ -45,8 +45,9 @@ def main():
     for name, over in json.loads(a.variants).items():
         t = time.time()
         c = json.loads(json.dumps(cfg))
-        for k, v in over.items():  # "train.<key>" sets a key shared by every role (e.g. the loss weights)
-            (c["train"] if k.startswith("train.") else c["train"]["model_b"])[k.removeprefix("train.")] = v
+        for k, v in over.items():  # "train.<key>" / "slices.<key>": a key shared by every role (here only B retrains)
+            section, _, key = k.rpartition(".")
+            (c[section] if section in ("train", "slices") else c["train"]["model_b"])[key] = v
         c = cfgmod.validate(c)
         out = base / "b_length" / name / "train"
         for r in ("classifier", "model_a"):  # the base's own classifier and A
