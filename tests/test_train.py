@@ -277,3 +277,68 @@ def test_cases_on_different_grids_cannot_train_one_model(tiny_dataset, tmp_path)
                     size=32, spacing_mm=19.0)
     with pytest.raises(ConfigError, match="different grids"):
         fit("model_a", {**paths, "0": other}, split, tiny_config(), tmp_path / "a", tmp_path / "ck")
+
+
+def test_epoch_selector_keeps_the_best_moving_average_not_a_noisy_epoch():
+    from liverseg.train import EpochSelector
+
+    def kept(scores, smoothing):
+        sel, best = EpochSelector(smoothing), None
+        for epoch, s in enumerate(scores, 1):
+            if sel.update(s):
+                best = epoch
+        return best
+
+    blip = [0.40, 0.50, 0.44, 0.46, 0.48, 0.49]  # epoch 2: a few lucky tumour voxels on the validation cases
+    assert kept(blip, 0.0) == 2
+    assert kept(blip, 0.9) == 6
+    assert kept([0.4, 0.6, 0.6, 0.6, 0.3, 0.3, 0.3], 0.5) == 4  # a lasting fall still keeps the earlier weights
+
+
+def _scripted_validate(scores, calls, stop_at=None):
+    def validate(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt
+        s = scores[calls["n"] - 1 - calls.get("offset", 0)]
+        return {"val_liver_dice": s, "val_tumour_dice": 0.0, "score": s}
+    return validate
+
+
+@pytest.mark.parametrize("smoothing, expect", [(0.0, 2), (0.9, 4)])
+def test_training_keeps_the_epoch_the_selector_chooses(tiny_dataset, tmp_path, monkeypatch, smoothing, expect):
+    """Through the training loop, with validation scores scripted: a one-epoch blip is kept only without smoothing."""
+    import csv
+
+    import liverseg.train as T
+
+    _, paths, split = tiny_dataset
+    cfg = tiny_config(train={"selection_smoothing": smoothing, "model_a": {"epochs": 4}})
+    monkeypatch.setattr(T, "validate", _scripted_validate([0.30, 0.60, 0.33, 0.36], {"n": 0}))
+    spec = fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
+    assert spec["best_epoch"] == expect and spec["validation"]["score"] == [0.30, 0.60, 0.33, 0.36][expect - 1]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "log.csv")))
+    assert [float(r["val_score"]) for r in rows] == [0.30, 0.60, 0.33, 0.36]
+    if smoothing:
+        assert float(rows[1]["val_score_smoothed"]) == pytest.approx(0.9 * 0.30 + 0.1 * 0.60)
+
+
+def test_resumed_training_continues_the_moving_average(tiny_dataset, tmp_path, monkeypatch):
+    """Stopped after two epochs and resumed, the smoothed scores are those of an uninterrupted run."""
+    import csv
+
+    import liverseg.train as T
+
+    _, paths, split = tiny_dataset
+    cfg = tiny_config(train={"model_a": {"epochs": 4}})
+    scores = [0.30, 0.40, 0.80, 0.50]
+    monkeypatch.setattr(T, "validate", _scripted_validate(scores, {"n": 0}))
+    fit("model_a", paths, split, cfg, tmp_path / "clean", tmp_path / "ck_clean")
+    calls = {"n": 0}
+    monkeypatch.setattr(T, "validate", _scripted_validate(scores, calls, stop_at=3))
+    with pytest.raises(KeyboardInterrupt):
+        fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
+    calls.update(n=0, offset=-2)  # the resumed run validates epochs 3 and 4
+    fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
+    read = lambda d: [r["val_score_smoothed"] for r in csv.DictReader(open(tmp_path / d / "log.csv"))]  # noqa: E731
+    assert read("out") == read("clean") and len(read("out")) == 4
