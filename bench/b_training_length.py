@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--base", required=True, help="a seed folder of bench/cascade_vs_v2.py (holds results/)")
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--variants", required=True,
-                    help='JSON: {"name": {model_b setting, "train.<key>" or "slices.<key>": value}}')
+                    help='JSON: {"name": {model_b setting, "train.<key>[.<key>]" or "slices.<key>": value}}')
     a = ap.parse_args()
     base = Path(a.base)
     res = base / "results"
@@ -45,9 +45,14 @@ def main():
     for name, over in json.loads(a.variants).items():
         t = time.time()
         c = json.loads(json.dumps(cfg))
-        for k, v in over.items():  # "train.<key>" / "slices.<key>": a key shared by every role (here only B retrains)
-            section, _, key = k.rpartition(".")
-            (c[section] if section in ("train", "slices") else c["train"]["model_b"])[key] = v
+        for k, v in over.items():
+            # "train.<key>[.<key>]" / "slices.<key>": keys shared by every role (here only B retrains); slices.size,
+            # spacing_mm and fov_mm change nothing here, since the grid is that of the base's preprocessed cases
+            path = k.split(".") if k.split(".")[0] in ("train", "slices") else ["train", "model_b", k]
+            node = c
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = v
         c = cfgmod.validate(c)
         out = base / "b_length" / name / "train"
         for r in ("classifier", "model_a"):  # the base's own classifier and A

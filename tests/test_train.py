@@ -331,14 +331,28 @@ def test_resumed_training_continues_the_moving_average(tiny_dataset, tmp_path, m
 
     _, paths, split = tiny_dataset
     cfg = tiny_config(train={"model_a": {"epochs": 4}})
-    scores = [0.30, 0.40, 0.80, 0.50]
+    scores = [0.30, 0.90, 0.10, 0.10]  # smoothed 0.30, 0.36, 0.334, 0.311: epoch 2 is kept
     monkeypatch.setattr(T, "validate", _scripted_validate(scores, {"n": 0}))
-    fit("model_a", paths, split, cfg, tmp_path / "clean", tmp_path / "ck_clean")
+    clean = fit("model_a", paths, split, cfg, tmp_path / "clean", tmp_path / "ck_clean")
     calls = {"n": 0}
     monkeypatch.setattr(T, "validate", _scripted_validate(scores, calls, stop_at=3))
     with pytest.raises(KeyboardInterrupt):
         fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
     calls.update(n=0, offset=-2)  # the resumed run validates epochs 3 and 4
-    fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
+    resumed = fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
     read = lambda d: [r["val_score_smoothed"] for r in csv.DictReader(open(tmp_path / d / "log.csv"))]  # noqa: E731
     assert read("out") == read("clean") and len(read("out")) == 4
+    assert resumed["best_epoch"] == clean["best_epoch"] == 2
+
+
+def test_early_stopping_counts_from_the_best_moving_average(tiny_dataset, tmp_path, monkeypatch):
+    """Patience 2: the raw score's best epoch (3) is not the average's (1), and the count runs from the average's:
+    the run stops after epoch 3 and keeps epoch 1 (counted from the raw best it would run to epoch 5)."""
+    import liverseg.train as T
+
+    _, paths, split = tiny_dataset
+    cfg = tiny_config(train={"selection_smoothing": 0.5, "early_stopping_patience": 2, "model_a": {"epochs": 8}})
+    # smoothed 0.90, 0.50, 0.725, 0.4125, ...: no later average beats epoch 1's
+    monkeypatch.setattr(T, "validate", _scripted_validate([0.90, 0.10, 0.95, 0.10, 0.10, 0.10, 0.10, 0.10], {"n": 0}))
+    spec = fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
+    assert spec["best_epoch"] == 1 and spec["epochs_run"] == 3

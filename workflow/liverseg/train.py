@@ -1,8 +1,8 @@
 """Training of every model role in liverseg.roles (slice classifier, UNet++ A on whole slices, UNet++ B on
 fixed-scale liver patches, and the V1/V3 variants).
 
-Checkpoints: after every epoch ``<checkpoint_dir>/last.pt`` holds model, optimiser, scheduler, epoch, history and
-the best weights so far.  A rerun resumes from it only when its resume key matches: the role's own config, the
+Checkpoints: after every epoch ``<checkpoint_dir>/last.pt`` holds model, optimiser, scheduler, epoch, history,
+the best weights so far and the moving average of the validation score (``smoothed_score``).  A rerun resumes from it only when its resume key matches: the role's own config, the
 identity of every training and validation case (the source files' sha256 and the pipeline version, recorded as
 HDF5 attributes at preprocessing), the models the role depends on and the package version.  A finished training
 removes ``last.pt`` when it writes ``model.pt``, so a forced rerun trains every epoch again.
@@ -569,7 +569,8 @@ def _train(role, train_h5, val_h5, cfg, outputs, checkpoint_dir, needs, device, 
             is_best = selector.update(val["score"])
             row = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(n_batches, 1), 6), "lr": lr,
                    **{k: round(v, 6) for k, v in val.items() if k != "score"},
-                   "val_score": round(float(val["score"]), 6), "val_score_smoothed": round(selector.smoothed, 6),
+                   **({"val_score": round(float(val["score"]), 6), "val_score_smoothed": round(selector.smoothed, 6)}
+                      if val_cases else {}),  # without validation cases the "score" is the epoch: the last is kept
                    "seconds": round(time.time() - t0, 2), "slices_per_s": round(seen / max(train_s, 1e-9), 2)}
             history.append(row)
             log.info("%s epoch %d: %s", role, epoch + 1, json.dumps(row))
