@@ -359,7 +359,7 @@ def _progress(iterable, desc: str, disable: bool = False):
                 disable=disable)
 
 
-def _plot(history: list[dict], path: Path, role: str) -> None:
+def _plot(history: list[dict], path: Path, role: str, kept: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -375,6 +375,10 @@ def _plot(history: list[dict], path: Path, role: str) -> None:
     for key in ("val_liver_dice", "val_tumour_dice", "val_balanced_accuracy"):
         if key in history[0]:
             ax[1].plot(ep, [h[key] for h in history], "o-", label=key.replace("val_", "val "))
+    if "val_score_smoothed" in history[0]:  # what chooses the kept epoch (EpochSelector)
+        ax[1].plot(ep, [h["val_score_smoothed"] for h in history], "--", color="grey", label="val score, moving average")
+    if kept and kept > 0:
+        ax[1].axvline(kept, color="black", lw=0.8, ls=":", label=f"kept epoch {kept}")
     ax[1].set_ylim(0, 1)
     ax[1].set_xlabel("epoch")
     ax[1].legend()
@@ -616,7 +620,7 @@ def _train(role, train_h5, val_h5, cfg, outputs, checkpoint_dir, needs, device, 
     for f in out.values():
         f.parent.mkdir(parents=True, exist_ok=True)
     _write_csv(history, out["log"])
-    _plot(history, out["curves"], role)
+    _plot(history, out["curves"], role, best["epoch"])
     M.save(model.cpu(), spec, out["model"], out["spec"])
     # A finished training is never resumed: a forced rerun must train again, not hand back these weights.
     ckpt_path.unlink(missing_ok=True)
