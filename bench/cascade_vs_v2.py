@@ -62,7 +62,7 @@ def make_test_cases(out: Path, n: int, cfg: dict, models: Path | None = None) ->
     plan's size and mm per pixel, from model_a/model.json), as `liverseg predict` does for a new scan."""
     out.mkdir(parents=True, exist_ok=True)
     ph = cfg["dataset"]["phantom"]
-    spec = PhantomSpec(preset=ph["preset"], size=ph["size"], slices=ph["slices"], max_tumours=ph["max_tumours"])
+    spec = PhantomSpec.from_config(ph)
     grid = json.loads((models / "model_a" / "model.json").read_text()) if models else None
     sub = out / (f"{grid['slice_size']}px_{grid['spacing_mm']}mm" if grid else "nifti")
     sub.mkdir(exist_ok=True)

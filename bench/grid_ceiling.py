@@ -57,7 +57,7 @@ def main() -> None:
     a = ap.parse_args()
     cfg = C.load(ROOT / "config.yaml")
     ph = cfg["dataset"]["phantom"]
-    spec = PhantomSpec(preset=ph["preset"], size=ph["size"], slices=ph["slices"], max_tumours=ph["max_tumours"])
+    spec = PhantomSpec.from_config(ph)
     m = json.loads((Path(a.models) / "model_a" / "model.json").read_text())
     grids = [(float(m["spacing_mm"]), int(m["slice_size"]), "the models' grid")]
     grids += [(float(g.split(":")[1]), int(g.split(":")[0]), "") for g in a.grids]

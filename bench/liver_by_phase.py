@@ -13,11 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from liver_errors import liver_masks  # noqa: E402
 
 from liverseg import config as cfgmod  # noqa: E402
 from liverseg.phantom import PhantomSpec, anatomy, scan_geometry  # noqa: E402
@@ -32,14 +34,9 @@ def main():
     ap.add_argument("--config", default=str(ROOT / "config.yaml"), help="the phantom spec the cases were drawn with")
     a = ap.parse_args()
     ph = cfgmod.load(a.config)["dataset"]["phantom"]
-    spec = PhantomSpec(preset=ph["preset"], size=ph["size"], slices=ph["slices"], max_tumours=ph["max_tumours"])
+    spec = PhantomSpec.from_config(ph)
     rows = []
-    for p in sorted(Path(a.pred).glob("*.nii.gz")):
-        if p.name.endswith("_raw.nii.gz"):
-            continue
-        case = p.name[: -len(".nii.gz")]
-        ref = np.asanyarray(nib.load(Path(a.cases) / f"segmentation-{case}.nii.gz").dataobj) >= 1
-        pred = np.asanyarray(nib.load(p).dataobj) >= 1
+    for case, ref, pred in liver_masks(a.pred, a.cases):
         dice = 2 * np.count_nonzero(ref & pred) / max(np.count_nonzero(ref) + np.count_nonzero(pred), 1)
         rng_anat, rng_scan, _ = np.random.default_rng(int(case)).spawn(3)  # as phantom.draw
         A = anatomy(rng_anat, spec.max_tumours, spec.phase_weights, spec.arms_probability)

@@ -14,6 +14,17 @@ import numpy as np
 from scipy import ndimage as ndi
 
 
+def liver_masks(pred_dir, cases_dir):
+    """Yield (case, reference liver, predicted liver), both label >= 1, for each post-processed prediction
+    ``<pred_dir>/<case>.nii.gz`` (not the ``*_raw`` ones) against ``<cases_dir>/segmentation-<case>.nii.gz``."""
+    for p in sorted(Path(pred_dir).glob("*.nii.gz")):
+        if p.name.endswith("_raw.nii.gz"):
+            continue
+        case = p.name[: -len(".nii.gz")]
+        ref = np.asanyarray(nib.load(Path(cases_dir) / f"segmentation-{case}.nii.gz").dataobj) >= 1
+        yield case, ref, np.asanyarray(nib.load(p).dataobj) >= 1
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pred", required=True)
@@ -21,12 +32,7 @@ def main():
     a = ap.parse_args()
     tot = dict(ref=0, missed=0, extra=0, missed_edge=0, extra_edge=0, missed_ends=0, extra_ends=0)
     dices = []
-    for p in sorted(Path(a.pred).glob("*.nii.gz")):
-        if p.name.endswith("_raw.nii.gz"):
-            continue
-        case = p.name[: -len(".nii.gz")]
-        ref = np.asanyarray(nib.load(Path(a.cases) / f"segmentation-{case}.nii.gz").dataobj) >= 1
-        pred = np.asanyarray(nib.load(p).dataobj) >= 1
+    for _, ref, pred in liver_masks(a.pred, a.cases):
         missed, extra = ref & ~pred, pred & ~ref
         zs = np.flatnonzero(ref.any(axis=(0, 1)))
         ends = np.zeros(ref.shape[2], bool)

@@ -56,7 +56,7 @@ def main() -> None:
     a = ap.parse_args()
     demo_cfg = C.load(ROOT / "config.yaml")
     ph = demo_cfg["dataset"]["phantom"]
-    demo = PhantomSpec(preset=ph["preset"], size=ph["size"], slices=ph["slices"], max_tumours=ph["max_tumours"])
+    demo = PhantomSpec.from_config(ph)
     n_demo = ph["n_cases"]
     lits_cfg = C.validate({})
     lits = PhantomSpec(preset="lits", size=None, slices=None)

@@ -143,6 +143,12 @@ class PhantomSpec:
         if self.slices == _FROM_PRESET:
             self.slices = default("dataset.phantom.slices") if self.preset == "demo" else None
 
+    @classmethod
+    def from_config(cls, phantom: dict) -> "PhantomSpec":
+        """The spec of a validated config's ``dataset.phantom`` section (what the workflow's cases were drawn with)."""
+        return cls(preset=phantom["preset"], size=phantom["size"], slices=phantom["slices"],
+                   max_tumours=phantom["max_tumours"])
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # smooth random fields and the voxel grid

@@ -2,10 +2,11 @@
 fixed-scale liver patches, and the V1/V3 variants).
 
 Checkpoints: after every epoch ``<checkpoint_dir>/last.pt`` holds model, optimiser, scheduler, epoch, history,
-the best weights so far and the moving average of the validation score (``smoothed_score``).  A rerun resumes from it only when its resume key matches: the role's own config, the
-identity of every training and validation case (the source files' sha256 and the pipeline version, recorded as
-HDF5 attributes at preprocessing), the models the role depends on and the package version.  A finished training
-removes ``last.pt`` when it writes ``model.pt``, so a forced rerun trains every epoch again.
+the best weights so far and the moving average of the validation score (``smoothed_score``).  A rerun resumes
+from it only when its resume key matches: the role's own config, the identity of every training and validation
+case (the source files' sha256 and the pipeline version, recorded as HDF5 attributes at preprocessing), the
+models the role depends on and the package version.  A finished training removes ``last.pt`` when it writes
+``model.pt``, so a forced rerun trains every epoch again.
 Randomness (sampling, patch placement, augmentation, torch's global RNG) is re-derived from (seed, epoch, draw) at
 each epoch start, so a resumed run produces the same weights as an uninterrupted one.
 
