@@ -21,6 +21,9 @@ TINY = {
                    (2, 3, 32, 48), (2,)),
     "segmenter": ({"kind": "segmenter", "encoder": "mobilenet_v2", "encoder_depth": 3, "decoder_channels": [16, 8, 8],
                    "in_channels": 3, "classes": 3}, (2, 3, 32, 48), (2, 3, 32, 48)),
+    "segmenter_full_res": ({"kind": "segmenter", "encoder": "mobilenet_v2", "encoder_depth": 3,
+                            "decoder_channels": [16, 8, 8], "in_channels": 3, "classes": 3, "full_res_channels": 4},
+                           (2, 3, 32, 48), (2, 3, 32, 48)),
     "convlstm": ({"kind": "convlstm", "encoder": "mobilenet_v2", "encoder_depth": 3, "decoder_channels": [16, 8, 8],
                   "in_channels": 3, "classes": 3}, (2, 3, 3, 32, 48), (2, 3, 3, 32, 48)),
     "unet3d": ({"kind": "unet3d", "in_channels": 1, "classes": 3, "channels_3d": [4, 8]},
@@ -29,7 +32,7 @@ TINY = {
 
 
 def _spec(kind, weights=None):
-    spec = dict(TINY[kind][0])
+    spec = dict(TINY[kind][0])  # "segmenter_full_res" is kind "segmenter" with full_res_channels
     spec["encoder_weights"] = weights
     return spec
 
@@ -150,7 +153,7 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
-@pytest.mark.parametrize("kind", ["classifier", "segmenter", "convlstm"])
+@pytest.mark.parametrize("kind", ["classifier", "segmenter", "segmenter_full_res", "convlstm"])
 def test_imagenet_model_loads_with_the_network_cut_off_and_normalises_its_input(kind, tmp_path, monkeypatch):
     """A model saved as if ImageNet-initialised: loading fetches nothing (socket cut, download helpers refused),
     and the network sees the input normalised with the encoder's ImageNet statistics, channel i with those of RGB
@@ -287,3 +290,31 @@ def test_training_spec_records_input_statistics_only_for_imagenet_encoders(weigh
                                           "std": [[1.0, 2.0, 3.0][i % 3] for i in range(c)]}
         else:
             assert "input_norm" not in spec
+
+
+def test_full_resolution_node_is_built_from_the_config_and_shapes_the_output(monkeypatch):
+    """train.<role>.full_res_channels > 0 gives a segmenter the UNet++ node at input resolution (its spec names
+    the architecture, so a model file rebuilds it); 0 leaves smp's UNet++ and the spec as before.  The node is on
+    the path to the output: its weights receive gradient, and zeroing them changes the prediction."""
+    from liverseg import config as C
+    from liverseg.train import make_spec
+
+    _no_downloads(monkeypatch)
+    grid = {"slice_size": 64, "spacing_mm": 2.0, "context_mm_auto": 5.0}
+    plain = make_spec(C.load(None, {}), "model_b", grid)
+    assert "full_res_channels" not in plain and plain["arch"] == "UnetPlusPlus"
+    assert type(M.build(plain)).__name__ == "UnetPlusPlus"
+    spec = make_spec(C.load(None, {"train": {"model_b": {"full_res_channels": 8}}}), "model_b", grid)
+    assert spec["full_res_channels"] == 8 and spec["arch"] == "UnetPlusPlusFullRes"
+    torch.manual_seed(0)
+    model = M.build(dict(TINY["segmenter_full_res"][0]))
+    assert isinstance(model, M.UnetPlusPlusFullRes)
+    x = torch.rand(2, 3, 32, 32)
+    model(x).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.stem.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        for p in model.stem.parameters():
+            p.zero_()
+        assert not torch.allclose(model(x), before)

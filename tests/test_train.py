@@ -283,7 +283,7 @@ def test_epoch_selector_keeps_the_best_moving_average_not_a_noisy_epoch():
     from liverseg.train import EpochSelector
 
     def kept(scores, smoothing):
-        sel, best = EpochSelector(smoothing), None
+        sel, best = EpochSelector(smoothing, len(scores)), None
         for epoch, s in enumerate(scores, 1):
             if sel.update(s):
                 best = epoch
@@ -293,6 +293,15 @@ def test_epoch_selector_keeps_the_best_moving_average_not_a_noisy_epoch():
     assert kept(blip, 0.0) == 2
     assert kept(blip, 0.9) == 6
     assert kept([0.4, 0.6, 0.6, 0.6, 0.3, 0.3, 0.3], 0.5) == 4  # a lasting fall still keeps the earlier weights
+    # Model B's validation scores in issue 12 (fr16's log.csv): a first epoch over-calling tumour scored 0.474,
+    # and an average started there stayed above every later one.  Eligible from epoch 10 (the 0.9 window), the
+    # choice is among the trained epochs; with 4 epochs only the last one is eligible.
+    b_log = [0.474317, 0.450997, 0.442233, 0.465291, 0.463124, 0.468523, 0.453788, 0.464883, 0.469277, 0.46657,
+             0.46847, 0.467487, 0.474898, 0.470776, 0.471077, 0.46848]
+    assert kept(b_log, 0.9) == 16
+    assert kept(b_log[:4], 0.9) == 4
+    assert EpochSelector(0.9, 16).warmup == 10 and EpochSelector(0.5, 16).warmup == 2
+    assert EpochSelector(0.0, 16).warmup == 1 and EpochSelector(0.99, 16).warmup == 16
 
 
 def _scripted_validate(scores, calls, stop_at=None):
@@ -323,15 +332,18 @@ def test_training_keeps_the_epoch_the_selector_chooses(tiny_dataset, tmp_path, m
         assert float(rows[1]["val_score_smoothed"]) == pytest.approx(0.9 * 0.30 + 0.1 * 0.60)
 
 
-def test_resumed_training_continues_the_moving_average(tiny_dataset, tmp_path, monkeypatch):
-    """Stopped after two epochs and resumed, the smoothed scores are those of an uninterrupted run."""
+@pytest.mark.parametrize("smoothing, expect", [(0.5, 2), (0.75, 4)])
+def test_resumed_training_continues_the_moving_average(tiny_dataset, tmp_path, monkeypatch, smoothing, expect):
+    """Stopped after two epochs and resumed, the smoothed scores and the kept epoch are those of an uninterrupted
+    run: at 0.5 the best average before the stop is restored (epoch 2, eligible from epoch 2); at 0.75 epoch 4 is
+    the first eligible one, counted from the run's start, not from the resume."""
     import csv
 
     import liverseg.train as T
 
     _, paths, split = tiny_dataset
-    cfg = tiny_config(train={"model_a": {"epochs": 4}})
-    scores = [0.30, 0.90, 0.10, 0.10]  # smoothed 0.30, 0.36, 0.334, 0.311: epoch 2 is kept
+    cfg = tiny_config(train={"selection_smoothing": smoothing, "model_a": {"epochs": 4}})
+    scores = [0.30, 0.90, 0.10, 0.10]  # at 0.5 smoothed 0.30, 0.60, 0.35, 0.225
     monkeypatch.setattr(T, "validate", _scripted_validate(scores, {"n": 0}))
     clean = fit("model_a", paths, split, cfg, tmp_path / "clean", tmp_path / "ck_clean")
     calls = {"n": 0}
@@ -342,17 +354,29 @@ def test_resumed_training_continues_the_moving_average(tiny_dataset, tmp_path, m
     resumed = fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
     read = lambda d: [r["val_score_smoothed"] for r in csv.DictReader(open(tmp_path / d / "log.csv"))]  # noqa: E731
     assert read("out") == read("clean") and len(read("out")) == 4
-    assert resumed["best_epoch"] == clean["best_epoch"] == 2
+    assert resumed["best_epoch"] == clean["best_epoch"] == expect
 
 
 def test_early_stopping_counts_from_the_best_moving_average(tiny_dataset, tmp_path, monkeypatch):
-    """Patience 2: the raw score's best epoch (3) is not the average's (1), and the count runs from the average's:
-    the run stops after epoch 3 and keeps epoch 1 (counted from the raw best it would run to epoch 5)."""
+    """Patience 2: the raw score's best epoch (5) is not the average's (3), and the count runs from the average's:
+    the run stops after epoch 5 and keeps epoch 3 (counted from the raw best it would run to epoch 7)."""
     import liverseg.train as T
 
     _, paths, split = tiny_dataset
     cfg = tiny_config(train={"selection_smoothing": 0.5, "early_stopping_patience": 2, "model_a": {"epochs": 8}})
-    # smoothed 0.90, 0.50, 0.725, 0.4125, ...: no later average beats epoch 1's
-    monkeypatch.setattr(T, "validate", _scripted_validate([0.90, 0.10, 0.95, 0.10, 0.10, 0.10, 0.10, 0.10], {"n": 0}))
+    # smoothed 0.10, 0.50, 0.70, 0.40, 0.675, 0.3875, ...: eligible from epoch 2, none beats epoch 3's
+    monkeypatch.setattr(T, "validate", _scripted_validate([0.10, 0.90, 0.90, 0.10, 0.95, 0.10, 0.10, 0.10], {"n": 0}))
     spec = fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
-    assert spec["best_epoch"] == 1 and spec["epochs_run"] == 3
+    assert spec["best_epoch"] == 3 and spec["epochs_run"] == 5
+
+
+def test_early_stopping_waits_for_the_selectors_window(tiny_dataset, tmp_path, monkeypatch):
+    """Falling scores from the first epoch: no epoch is kept before the window of smoothing 0.8 (5 epochs), so
+    patience 1 cannot stop the run before it: it keeps epoch 5 and stops after epoch 6."""
+    import liverseg.train as T
+
+    _, paths, split = tiny_dataset
+    cfg = tiny_config(train={"selection_smoothing": 0.8, "early_stopping_patience": 1, "model_a": {"epochs": 7}})
+    monkeypatch.setattr(T, "validate", _scripted_validate([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], {"n": 0}))
+    spec = fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
+    assert spec["best_epoch"] == 5 and spec["epochs_run"] == 6

@@ -92,6 +92,32 @@ class UnetPlusPlusConvLSTM(nn.Module):
         return out.view(b, t, *out.shape[1:])
 
 
+def _block2d(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UnetPlusPlusFullRes(nn.Module):
+    """smp's UNet++ with the full-resolution node the original UNet++ has (X^{0,j}, Zhou et al. 2018).
+
+    smp's encoders start at stride 2: their first skip is half the input's size, so the decoder's last block
+    upsamples without one and the outline is drawn from half-resolution features.  On model B's liver crops most
+    liver error was within one stored pixel of the boundary (BENCHMARKS.md, issue 12).  Here a conv block reads
+    the input at full resolution (``full_res`` channels), is concatenated with the decoder's output, and one more
+    block fuses them before smp's head; everything else is smp's (same encoder, decoder, head)."""
+
+    def __init__(self, encoder, depth, decoder_channels, in_channels, classes, full_res: int, weights=None):
+        super().__init__()
+        self.net = smp.UnetPlusPlus(encoder_name=encoder, encoder_weights=weights, encoder_depth=depth,
+                                    decoder_channels=tuple(decoder_channels), in_channels=in_channels, classes=classes)
+        last = int(decoder_channels[depth - 1])
+        self.stem = nn.Sequential(_block2d(in_channels, full_res), _block2d(full_res, full_res))
+        self.fuse = _block2d(last + full_res, last)
+
+    def forward(self, x):
+        dec = self.net.decoder(self.net.encoder(x))
+        return self.net.segmentation_head(self.fuse(torch.cat([dec, self.stem(x)], dim=1)))
+
+
 def _block3d(cin, cout):
     return nn.Sequential(
         nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, True),
@@ -172,6 +198,9 @@ def build(spec: dict, download: bool = True) -> nn.Module:
 def _build(spec: dict, weights: str | None) -> nn.Module:
     if spec["kind"] == "classifier":
         return SliceClassifier(spec["encoder"], spec["in_channels"], spec.get("encoder_depth", 5), weights)
+    if spec["kind"] == "segmenter" and spec.get("full_res_channels"):
+        return UnetPlusPlusFullRes(spec["encoder"], spec.get("encoder_depth", 5), spec["decoder_channels"],
+                                   spec["in_channels"], spec["classes"], int(spec["full_res_channels"]), weights)
     if spec["kind"] == "segmenter":
         return smp.UnetPlusPlus(
             encoder_name=spec["encoder"],
