@@ -293,17 +293,19 @@ def test_training_spec_records_input_statistics_only_for_imagenet_encoders(weigh
 
 
 def test_full_resolution_node_is_built_from_the_config_and_shapes_the_output(monkeypatch):
-    """train.<role>.full_res_channels > 0 gives a segmenter the UNet++ node at input resolution (its spec names
-    the architecture, so a model file rebuilds it); 0 leaves smp's UNet++ and the spec as before.  The node is on
-    the path to the output: its weights receive gradient, and zeroing them changes the prediction."""
+    """train.<role>.full_res_channels (default 16) gives a segmenter the UNet++ node at input resolution (its spec
+    names the architecture, so a model file rebuilds it); 0 leaves smp's UNet++ and the spec as before.  The node
+    is on the path to the output: its weights receive gradient, and zeroing them changes the prediction."""
     from liverseg import config as C
     from liverseg.train import make_spec
 
     _no_downloads(monkeypatch)
     grid = {"slice_size": 64, "spacing_mm": 2.0, "context_mm_auto": 5.0}
-    plain = make_spec(C.load(None, {}), "model_b", grid)
+    plain = make_spec(C.load(None, {"train": {"model_b": {"full_res_channels": 0}}}), "model_b", grid)
     assert "full_res_channels" not in plain and plain["arch"] == "UnetPlusPlus"
     assert type(M.build(plain)).__name__ == "UnetPlusPlus"
+    for role, want in (("model_a", 16), ("model_b", 16), ("classifier", None), ("v3_convlstm", None)):
+        assert make_spec(C.load(None, {}), role, grid).get("full_res_channels") == want, role
     spec = make_spec(C.load(None, {"train": {"model_b": {"full_res_channels": 8}}}), "model_b", grid)
     assert spec["full_res_channels"] == 8 and spec["arch"] == "UnetPlusPlusFullRes"
     torch.manual_seed(0)
