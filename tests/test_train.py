@@ -291,7 +291,7 @@ def test_epoch_selector_keeps_the_best_moving_average_not_a_noisy_epoch():
 
     blip = [0.40, 0.50, 0.44, 0.46, 0.48, 0.49]  # epoch 2: a few lucky tumour voxels on the validation cases
     assert kept(blip, 0.0) == 2
-    assert kept(blip, 0.9) == 6
+    assert kept(blip, 0.5) == 6
     assert kept([0.4, 0.6, 0.6, 0.6, 0.3, 0.3, 0.3], 0.5) == 4  # a lasting fall still keeps the earlier weights
     # Model B's validation scores in issue 12 (fr16's log.csv): a first epoch over-calling tumour scored 0.474,
     # and an average started there stayed above every later one.  Eligible from epoch 10 (the 0.9 window), the
@@ -300,6 +300,9 @@ def test_epoch_selector_keeps_the_best_moving_average_not_a_noisy_epoch():
              0.46847, 0.467487, 0.474898, 0.470776, 0.471077, 0.46848]
     assert kept(b_log, 0.9) == 16
     assert kept(b_log[:4], 0.9) == 4
+    # A luckier first epoch: an average started at it (not bias-corrected) would still weigh it 0.9^9 at epoch 10
+    # and keep epoch 10, the first eligible one; corrected, it weighs by its age and a late epoch is kept.
+    assert kept([0.55] + b_log[1:], 0.9) == 15
     assert EpochSelector(0.9, 16).warmup == 10 and EpochSelector(0.5, 16).warmup == 2
     assert EpochSelector(0.0, 16).warmup == 1 and EpochSelector(0.99, 16).warmup == 16
 
@@ -314,22 +317,25 @@ def _scripted_validate(scores, calls, stop_at=None):
     return validate
 
 
-@pytest.mark.parametrize("smoothing, expect", [(0.0, 2), (0.9, 4)])
+@pytest.mark.parametrize("smoothing, expect", [(0.0, 2), (0.75, 6)])
 def test_training_keeps_the_epoch_the_selector_chooses(tiny_dataset, tmp_path, monkeypatch, smoothing, expect):
-    """Through the training loop, with validation scores scripted: a one-epoch blip is kept only without smoothing."""
+    """Through the training loop, with validation scores scripted: a one-epoch blip (epoch 2) is kept only without
+    smoothing; at 0.75 (eligible from epoch 4) the best average is the last epoch's."""
     import csv
 
     import liverseg.train as T
 
+    scores = [0.30, 0.60, 0.50, 0.55, 0.58, 0.60]
     _, paths, split = tiny_dataset
-    cfg = tiny_config(train={"selection_smoothing": smoothing, "model_a": {"epochs": 4}})
-    monkeypatch.setattr(T, "validate", _scripted_validate([0.30, 0.60, 0.33, 0.36], {"n": 0}))
+    cfg = tiny_config(train={"selection_smoothing": smoothing, "model_a": {"epochs": 6}})
+    monkeypatch.setattr(T, "validate", _scripted_validate(scores, {"n": 0}))
     spec = fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
-    assert spec["best_epoch"] == expect and spec["validation"]["score"] == [0.30, 0.60, 0.33, 0.36][expect - 1]
+    assert spec["best_epoch"] == expect and spec["validation"]["score"] == scores[expect - 1]
     rows = list(csv.DictReader(open(tmp_path / "out" / "log.csv")))
-    assert [float(r["val_score"]) for r in rows] == [0.30, 0.60, 0.33, 0.36]
-    if smoothing:
-        assert float(rows[1]["val_score_smoothed"]) == pytest.approx(0.9 * 0.30 + 0.1 * 0.60)
+    assert [float(r["val_score"]) for r in rows] == scores
+    if smoothing:  # bias-corrected: (0.25 * 0.75 * 0.30 + 0.25 * 0.60) / (1 - 0.75^2)
+        assert float(rows[1]["val_score_smoothed"]) == pytest.approx((0.25 * 0.75 * 0.30 + 0.25 * 0.60) / (1 - 0.75 ** 2),
+                                                                     abs=1e-6)
 
 
 @pytest.mark.parametrize("smoothing, expect", [(0.5, 2), (0.75, 4)])
@@ -343,7 +349,7 @@ def test_resumed_training_continues_the_moving_average(tiny_dataset, tmp_path, m
 
     _, paths, split = tiny_dataset
     cfg = tiny_config(train={"selection_smoothing": smoothing, "model_a": {"epochs": 4}})
-    scores = [0.30, 0.90, 0.10, 0.10]  # at 0.5 smoothed 0.30, 0.60, 0.35, 0.225
+    scores = [0.30, 0.90, 0.10, 0.10]  # at 0.5 smoothed (bias-corrected) 0.30, 0.70, 0.357, 0.22
     monkeypatch.setattr(T, "validate", _scripted_validate(scores, {"n": 0}))
     clean = fit("model_a", paths, split, cfg, tmp_path / "clean", tmp_path / "ck_clean")
     calls = {"n": 0}
@@ -364,7 +370,7 @@ def test_early_stopping_counts_from_the_best_moving_average(tiny_dataset, tmp_pa
 
     _, paths, split = tiny_dataset
     cfg = tiny_config(train={"selection_smoothing": 0.5, "early_stopping_patience": 2, "model_a": {"epochs": 8}})
-    # smoothed 0.10, 0.50, 0.70, 0.40, 0.675, 0.3875, ...: eligible from epoch 2, none beats epoch 3's
+    # smoothed (bias-corrected) 0.10, 0.633, 0.786, 0.420, 0.694, 0.392, ...: eligible from epoch 2, none beats epoch 3's
     monkeypatch.setattr(T, "validate", _scripted_validate([0.10, 0.90, 0.90, 0.10, 0.95, 0.10, 0.10, 0.10], {"n": 0}))
     spec = fit("model_a", paths, split, cfg, tmp_path / "out", tmp_path / "ck")
     assert spec["best_epoch"] == 3 and spec["epochs_run"] == 5

@@ -97,13 +97,15 @@ def _block2d(cin, cout):
 
 
 class UnetPlusPlusFullRes(nn.Module):
-    """smp's UNet++ with the full-resolution node the original UNet++ has (X^{0,j}, Zhou et al. 2018).
+    """smp's UNet++ with a skip at input resolution, which the original UNet++ has (its level-0 nodes run at full
+    resolution, Zhou et al. 2018) and smp's does not.
 
     smp's encoders start at stride 2: their first skip is half the input's size, so the decoder's last block
     upsamples without one and the outline is drawn from half-resolution features.  On model B's liver crops most
     liver error was within one stored pixel of the boundary (BENCHMARKS.md, issue 12).  Here a conv block reads
     the input at full resolution (``full_res`` channels), is concatenated with the decoder's output, and one more
-    block fuses them before smp's head; everything else is smp's (same encoder, decoder, head)."""
+    block fuses them before smp's head; everything else is smp's (same encoder, decoder, head, input-size check).
+    ``encoder``, ``decoder`` and ``segmentation_head`` are smp's modules, as on a plain model."""
 
     def __init__(self, encoder, depth, decoder_channels, in_channels, classes, full_res: int, weights=None):
         super().__init__()
@@ -113,7 +115,12 @@ class UnetPlusPlusFullRes(nn.Module):
         self.stem = nn.Sequential(_block2d(in_channels, full_res), _block2d(full_res, full_res))
         self.fuse = _block2d(last + full_res, last)
 
+    encoder = property(lambda self: self.net.encoder)
+    decoder = property(lambda self: self.net.decoder)
+    segmentation_head = property(lambda self: self.net.segmentation_head)
+
     def forward(self, x):
+        self.net.check_input_shape(x)  # smp's one-line "pad to a multiple of the output stride" error
         dec = self.net.decoder(self.net.encoder(x))
         return self.net.segmentation_head(self.fuse(torch.cat([dec, self.stem(x)], dim=1)))
 

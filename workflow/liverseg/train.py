@@ -62,6 +62,11 @@ from liverseg.roles import GATES, ROLES
 log = logging.getLogger(__name__)
 
 
+# How the kept epoch is chosen (EpochSelector); part of the resume key, so a checkpoint whose best epoch an earlier
+# rule chose restarts instead of carrying that choice over.
+SELECTION_RULE = "bias-corrected moving average, eligible from its window"
+
+
 def resume_key(cfg: dict, role: str, train_cases: list, val_cases: list, needs: dict | None = None) -> str:
     """What a checkpoint must match to be resumed (see the module docstring).  The config part is exactly what the
     workflow's train rule passes (config.training_view), so what reruns a job and what restarts it agree."""
@@ -70,6 +75,7 @@ def resume_key(cfg: dict, role: str, train_cases: list, val_cases: list, needs: 
         "train": [c.identity for c in train_cases], "val": [c.identity for c in val_cases],
         "needs": {r: content_sha256(p) for r, p in sorted((needs or {}).items())},
         "package_version": __version__,
+        "selection": SELECTION_RULE,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -155,22 +161,32 @@ class EpochSelector:
     epoch and 0 in the others (a few voxels) outweighed a liver Dice 0.006 better, and kept an under-trained
     epoch (issue 12).  ``smoothing`` 0 keeps the raw score's best epoch.
 
-    An epoch is eligible only once the average spans its window, round(1 / (1 - smoothing)) epochs (10 at 0.9;
-    at most ``epochs``, so the last epoch always is): before that the average is one or two noisy scores, and the
-    best of them is biased upwards.  nnU-Net's 1000 epochs make that moot; our 16 do not: model B's first epoch,
-    with a pooled tumour Dice of 0.064 on the validation cases (0 to 0.019 later), outscored the average of the 15
-    better-trained epochs after it and was kept (issue 12)."""
+    nnU-Net's 1000 epochs hide two biases that our 16 do not (issue 12: model B's first epoch, whose over-called
+    tumour scored a pooled tumour Dice of 0.064 against 0 to 0.019 later, outscored every later average and was
+    kept over 15 trained epochs):
+    - the average is bias-corrected as Adam's moments are (started at 0, divided by 1 - smoothing^n), so each epoch
+      weighs by its age alone; started at the first score instead, epoch 1 would still weigh 0.9^9 = 39% of
+      epoch 10's average;
+    - an epoch is eligible only once the average spans its window, round(1 / (1 - smoothing)) epochs (10 at 0.9;
+      at most ``epochs``, so the last epoch always is): before that it is one or two noisy scores, and their best
+      is biased upwards.
+    A NaN score counts as the worst possible."""
 
     def __init__(self, smoothing: float, epochs: int, smoothed: float | None = None, best: float = -math.inf,
                  seen: int = 0):
-        self.smoothing, self.smoothed, self.best, self.seen = float(smoothing), smoothed, best, int(seen)
+        self.smoothing, self.best, self.seen = float(smoothing), best, int(seen)
         self.warmup = min(int(epochs), max(1, round(1.0 / (1.0 - self.smoothing))))
+        self.smoothed = smoothed
+        # the uncorrected average, recovered from the corrected one a checkpoint holds
+        self._ema = 0.0 if smoothed is None else smoothed * (1.0 - self.smoothing ** self.seen)
 
     def update(self, score: float) -> bool:
         """Add one epoch's score; True when it is the best so far (the weights to keep)."""
         a = self.smoothing
+        score = float(score)
         self.seen += 1
-        self.smoothed = float(score) if self.smoothed is None else a * self.smoothed + (1 - a) * float(score)
+        self._ema = a * self._ema + (1 - a) * (score if math.isfinite(score) else -1e9)
+        self.smoothed = self._ema / (1.0 - a ** self.seen)
         if self.seen >= self.warmup and self.smoothed > self.best:
             self.best = self.smoothed
             return True
@@ -529,6 +545,11 @@ def _train(role, train_h5, val_h5, cfg, outputs, checkpoint_dir, needs, device, 
                      "starting afresh", role, ckpt_path)
 
     patience = int(tc["early_stopping_patience"])
+    if val_cases and procs.main and selector.warmup > 1:
+        log.info("%s: the kept epoch is chosen from epoch %d of %d on (selection_smoothing %s)%s", role,
+                 selector.warmup, m["epochs"], selector.smoothing,
+                 "; early stopping cannot fire in so few epochs" if patience and selector.warmup + patience > m["epochs"]
+                 else "")
     kind = ROLES[role]["kind"]
     for epoch in range(start_epoch, m["epochs"]):
         torch.manual_seed(seed * 100003 + epoch)
