@@ -9,7 +9,6 @@ from noise.  Reads predictions ``<pred>/<case>.nii.gz`` and references ``<cases>
     python bench/liver_by_phase.py --pred /tmp/cascade_bench/seed0/pred/V4/auto_auto --cases /tmp/cascade_bench/test_cases
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from liver_errors import liver_masks  # noqa: E402
+from liver_errors import liver_masks, parse_args  # noqa: E402
 
 from liverseg import config as cfgmod  # noqa: E402
 from liverseg.phantom import PhantomSpec, anatomy, scan_geometry  # noqa: E402
@@ -28,11 +27,7 @@ PHASES = ("non-contrast", "arterial", "portal-venous")
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pred", required=True)
-    ap.add_argument("--cases", required=True)
-    ap.add_argument("--config", default=str(ROOT / "config.yaml"), help="the phantom spec the cases were drawn with")
-    a = ap.parse_args()
+    a = parse_args(str(ROOT / "config.yaml"))
     ph = cfgmod.load(a.config)["dataset"]["phantom"]
     spec = PhantomSpec.from_config(ph)
     rows = []

@@ -14,22 +14,34 @@ import numpy as np
 from scipy import ndimage as ndi
 
 
+def predictions(pred_dir):
+    """Yield (case, path) for each post-processed prediction ``<pred_dir>/<case>.nii.gz`` (not the ``*_raw`` ones)."""
+    for p in sorted(Path(pred_dir).glob("*.nii.gz")):
+        if not p.name.endswith("_raw.nii.gz"):
+            yield p.name[: -len(".nii.gz")], p
+
+
 def liver_masks(pred_dir, cases_dir):
     """Yield (case, reference liver, predicted liver), both label >= 1, for each post-processed prediction
-    ``<pred_dir>/<case>.nii.gz`` (not the ``*_raw`` ones) against ``<cases_dir>/segmentation-<case>.nii.gz``."""
-    for p in sorted(Path(pred_dir).glob("*.nii.gz")):
-        if p.name.endswith("_raw.nii.gz"):
-            continue
-        case = p.name[: -len(".nii.gz")]
+    (``predictions``) against ``<cases_dir>/segmentation-<case>.nii.gz``."""
+    for case, p in predictions(pred_dir):
         ref = np.asanyarray(nib.load(Path(cases_dir) / f"segmentation-{case}.nii.gz").dataobj) >= 1
         yield case, ref, np.asanyarray(nib.load(p).dataobj) >= 1
 
 
-def main():
+def parse_args(config_default=None):
+    """``--pred`` and ``--cases`` (bench/cascade_vs_v2.py's layout); with ``config_default`` also ``--config``, the
+    config whose phantom spec drew the cases."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--pred", required=True)
     ap.add_argument("--cases", required=True)
-    a = ap.parse_args()
+    if config_default is not None:
+        ap.add_argument("--config", default=config_default, help="the phantom spec the cases were drawn with")
+    return ap.parse_args()
+
+
+def main():
+    a = parse_args()
     tot = dict(ref=0, missed=0, extra=0, missed_edge=0, extra_edge=0, missed_ends=0, extra_ends=0)
     dices = []
     for _, ref, pred in liver_masks(a.pred, a.cases):

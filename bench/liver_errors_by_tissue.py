@@ -9,7 +9,6 @@ RAS frame; the predictions are read back into that frame through their own heade
         --cases /tmp/cascade_bench/test_cases --config /tmp/cascade_bench/seed0/config.yaml
 """
 
-import argparse
 import collections
 import sys
 from pathlib import Path
@@ -20,6 +19,9 @@ from scipy import ndimage as ndi
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from liver_errors import parse_args, predictions  # noqa: E402
 
 from liverseg import config as cfgmod  # noqa: E402
 from liverseg import phantom as P  # noqa: E402
@@ -30,17 +32,10 @@ NAMES = ("air table fat muscle cavity-fat lung heart bowel colon stomach pancrea
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pred", required=True)
-    ap.add_argument("--cases", required=True)
-    ap.add_argument("--config", default=str(ROOT / "config.yaml"), help="the phantom spec the cases were drawn with")
-    a = ap.parse_args()
+    a = parse_args(str(ROOT / "config.yaml"))
     spec = P.PhantomSpec.from_config(cfgmod.load(a.config)["dataset"]["phantom"])
     extra, missed, total, n = collections.Counter(), collections.Counter(), 0, 0
-    for p in sorted(Path(a.pred).glob("*.nii.gz")):
-        if p.name.endswith("_raw.nii.gz"):
-            continue
-        case = p.name[: -len(".nii.gz")]
+    for case, p in predictions(a.pred):
         _, label, tissue, _, _, _ = P.draw(int(case), spec)
         img = nib.load(p)
         pred = geometry_of(img).to_canonical(np.asanyarray(img.dataobj)) >= 1

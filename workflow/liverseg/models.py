@@ -71,14 +71,19 @@ class BiConvLSTM(nn.Module):
         return self.proj(bt).view(seq.shape)
 
 
+def _unetpp(encoder, depth, decoder_channels, in_channels, classes, weights=None) -> nn.Module:
+    """smp's UNet++ as every segmenter kind here builds it (plain, V3's, the full-resolution one)."""
+    return smp.UnetPlusPlus(encoder_name=encoder, encoder_weights=weights, encoder_depth=depth,
+                            decoder_channels=tuple(decoder_channels), in_channels=in_channels, classes=classes)
+
+
 class UnetPlusPlusConvLSTM(nn.Module):
     """V3 (2.5D): an smp UNet++ whose encoder runs per slice, with a bidirectional ConvLSTM over the sequence of
     slices at the bottleneck (residual), then the UNet++ decoder per slice.  Input (B, T, C, H, W)."""
 
     def __init__(self, encoder, depth, decoder_channels, in_channels, classes, weights=None):
         super().__init__()
-        self.net = smp.UnetPlusPlus(encoder_name=encoder, encoder_weights=weights, encoder_depth=depth,
-                                    decoder_channels=tuple(decoder_channels), in_channels=in_channels, classes=classes)
+        self.net = _unetpp(encoder, depth, decoder_channels, in_channels, classes, weights)
         deep = self.net.encoder.out_channels[-1]
         self.lstm = BiConvLSTM(deep, max(8, deep // 4))
 
@@ -109,8 +114,7 @@ class UnetPlusPlusFullRes(nn.Module):
 
     def __init__(self, encoder, depth, decoder_channels, in_channels, classes, full_res: int, weights=None):
         super().__init__()
-        self.net = smp.UnetPlusPlus(encoder_name=encoder, encoder_weights=weights, encoder_depth=depth,
-                                    decoder_channels=tuple(decoder_channels), in_channels=in_channels, classes=classes)
+        self.net = _unetpp(encoder, depth, decoder_channels, in_channels, classes, weights)
         last = int(decoder_channels[depth - 1])
         self.stem = nn.Sequential(_block2d(in_channels, full_res), _block2d(full_res, full_res))
         self.fuse = _block2d(last + full_res, last)
@@ -205,18 +209,12 @@ def build(spec: dict, download: bool = True) -> nn.Module:
 def _build(spec: dict, weights: str | None) -> nn.Module:
     if spec["kind"] == "classifier":
         return SliceClassifier(spec["encoder"], spec["in_channels"], spec.get("encoder_depth", 5), weights)
-    if spec["kind"] == "segmenter" and spec.get("full_res_channels"):
-        return UnetPlusPlusFullRes(spec["encoder"], spec.get("encoder_depth", 5), spec["decoder_channels"],
-                                   spec["in_channels"], spec["classes"], int(spec["full_res_channels"]), weights)
     if spec["kind"] == "segmenter":
-        return smp.UnetPlusPlus(
-            encoder_name=spec["encoder"],
-            encoder_weights=weights,
-            encoder_depth=spec.get("encoder_depth", 5),
-            decoder_channels=tuple(spec["decoder_channels"]),
-            in_channels=spec["in_channels"],
-            classes=spec["classes"],
-        )
+        args = (spec["encoder"], spec.get("encoder_depth", 5), spec["decoder_channels"], spec["in_channels"],
+                spec["classes"])
+        if spec.get("full_res_channels"):
+            return UnetPlusPlusFullRes(*args, int(spec["full_res_channels"]), weights)
+        return _unetpp(*args, weights)
     if spec["kind"] == "convlstm":
         return UnetPlusPlusConvLSTM(spec["encoder"], spec.get("encoder_depth", 5), spec["decoder_channels"],
                                     spec["in_channels"], spec["classes"], weights)
